@@ -1,0 +1,191 @@
+"""Shared config pieces: model sizes, default participants, and the base config.
+
+Every experiment-family file (default.py, paper.py, ...) starts from `base_config()`
+and changes only what differs. Derived values (vocabulary size from the tokenizer,
+total steps from data size and epochs) are computed in code, never stored here.
+"""
+
+import ml_collections
+
+# name -> (num_layers, num_heads, d_model, max_len). d_ff is always 4 * d_model.
+# Parameter counts assume the default 8192-token vocabulary (tied embeddings).
+MODEL_SIZES = {
+    'tiny': (2, 4, 128, 256),  # ~1.5M parameters: tests and the CPU default.
+    'small': (6, 4, 256, 256),  # ~7M parameters.
+    'gpt2': (12, 12, 768, 1024),  # 124M at the GPT-2 vocabulary (50257).
+    'gpt2-medium': (24, 16, 1024, 1024),  # 355M at the GPT-2 vocabulary.
+}
+
+# Default participants: real organizations whose Python code ships with collab's own
+# dependencies, so the default study runs offline right after `pip install`.
+DEFAULT_PARTICIPANTS = {
+    'google': ('pkg:jax', 'pkg:flax', 'pkg:optax', 'pkg:orbax-checkpoint',
+               'pkg:absl-py', 'pkg:ml-collections', 'pkg:tensorflow-datasets',
+               'pkg:array-record', 'pkg:etils'),
+    'huggingface': ('pkg:transformers', 'pkg:tokenizers', 'pkg:huggingface-hub',
+                    'pkg:safetensors'),
+    'python': ('stdlib',),
+}
+
+
+def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
+  """GPT-2 hyperparameters for one of MODEL_SIZES."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f'Unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}.')
+  num_layers, num_heads, d_model, max_len = MODEL_SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.size = size  # Name of the size preset, for the record.
+  c.num_layers = num_layers  # Transformer blocks.
+  c.num_heads = num_heads  # Attention heads per block.
+  c.d_model = d_model  # Residual stream width.
+  c.d_ff = 4 * d_model  # MLP hidden width.
+  c.max_len = max_len  # Learned positions; blocks may not be longer.
+  c.vocab_size = 0  # 0: taken from the tokenizer at run time.
+  c.dropout = 0.1  # Embedding, attention and residual dropout (GPT-2: 0.1).
+  c.dtype = 'float32'  # Compute dtype: float32 or bfloat16; parameters stay float32.
+  return c
+
+
+def participant(name: str, sources, max_bytes: int = 0) -> ml_collections.ConfigDict:
+  """One organization: a name and the sources its code comes from."""
+  c = ml_collections.ConfigDict()
+  c.name = name  # Unique name; used in split names and tables.
+  c.sources = tuple(sources)  # 'pkg:NAME', 'stdlib', 'dir:PATH' or 'jsonl:PATH'.
+  c.max_bytes = max_bytes  # Cap on cleaned bytes (deterministic subsample); 0: none.
+  return c
+
+
+def default_participants(max_bytes: int = 0):
+  return [participant(n, s, max_bytes) for n, s in DEFAULT_PARTICIPANTS.items()]
+
+
+def data_config(participants, seq_len: int) -> ml_collections.ConfigDict:
+  """Sources, cleaning, split, tokenizer and blocks."""
+  c = ml_collections.ConfigDict()
+  c.participants = participants  # List of participant(...) ConfigDicts.
+  c.data_dir = ''  # Built data folder; '' means WORKDIR/data (study) or --data_dir.
+  c.seed = 1  # Seed of the seeded filters and the subsampling (PROTOCOL: 1).
+  c.split = 'file'  # 'file' (paper: random 80/20 over files) or 'repo' (no repo on both sides).
+  c.split_seed = 1  # Seed of the train/valid split (PROTOCOL: 1).
+  c.valid_fraction = 0.2  # Share of files (or repositories) held out for validation.
+  c.dedup_across = False  # Exact dedup across participants (paper: off, clones stay).
+  c.max_file_bytes = 1_000_000  # Larger source files are skipped and counted.
+  c.seq_len = seq_len  # Tokens per block (PROTOCOL: 1024); <= model.max_len.
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ''  # A local Hugging Face tokenizer folder; '' trains a BPE.
+  c.tokenizer.vocab_size = 8192  # BPE vocabulary size when training one.
+  c.tokenizer.train_on = ''  # '' all training splits, or one participant's name.
+  c.tokenizer.max_bytes = 20_000_000  # Training text cap for the BPE trainer.
+  return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Optimizer, schedule, batching, logging and checkpoints (PROTOCOL defaults)."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 16  # Global batch in blocks.
+  c.epochs = 10.0  # Passes over the training blocks (PROTOCOL: 10); used when steps == 0.
+  c.steps = 0  # Explicit number of steps; 0 derives it from epochs.
+  c.optimizer = 'adamw'  # 'adamw' or 'sgd'.
+  c.learning_rate = 5e-4  # Peak learning rate (PROTOCOL: 5e-4).
+  c.warmup_steps = 2000  # Linear warmup (PROTOCOL: 2000), capped at the total steps.
+  c.min_lr_ratio = 0.0  # Cosine decays to learning_rate * min_lr_ratio.
+  c.weight_decay = 0.1  # AdamW decay, masked off biases and LayerNorm.
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.grad_clip = 1.0  # Global-norm clipping (PROTOCOL: 1.0); 0 disables.
+  c.log_every = 10  # Steps between metrics.jsonl lines.
+  c.eval_every = 0  # Steps between validation passes; 0: only at the end.
+  c.eval_batch_size = 32  # Blocks per evaluation batch.
+  c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
+  c.keep_checkpoints = 2  # Checkpoints kept per run.
+  c.init_from = ''  # Another run's workdir or a Hugging Face GPT-2 folder.
+  return c
+
+
+def parallel_config() -> ml_collections.ConfigDict:
+  """Mesh, logical-axis rules and the parallel mode."""
+  c = ml_collections.ConfigDict()
+  c.mode = 'pjit'  # 'pjit' (jit + NamedSharding, default) or 'pmap'.
+  # Mesh axis sizes; -1 takes every remaining device. Their product is the device count.
+  c.mesh = ml_collections.ConfigDict({'clients': 1, 'data': -1, 'model': 1})
+  # Logical axis name -> mesh axis (or None: replicated).
+  c.rules = (('batch', 'data'), ('clients', 'clients'), ('embed', None),
+             ('mlp', 'model'), ('heads', 'model'), ('vocab', 'model'),
+             ('length', None), ('kv', None), ('layers', None))
+  c.multihost = False  # Start jax.distributed (coordinator from the environment).
+  return c
+
+
+def federated_config() -> ml_collections.ConfigDict:
+  """FedAvg and relatives (PROTOCOL: all clients every round, 10 rounds)."""
+  c = ml_collections.ConfigDict()
+  c.rounds = 10  # Communication rounds.
+  c.clients_per_round = 0  # m clients sampled per round (seeded); 0: all.
+  c.local_epochs = 1.0  # Passes over each client's own blocks per round; used when local_steps == 0.
+  c.local_steps = 0  # Fixed local steps per round; 0 derives them from local_epochs.
+  c.weighting = 'blocks'  # 'blocks' (paper: by training blocks) or 'uniform'.
+  c.server_optimizer = 'fedavg'  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad.
+  c.server_learning_rate = 1.0  # FedAvg: 1.0 (the mean delta applied as is).
+  c.server_momentum = 0.9  # FedAvgM.
+  c.server_b1 = 0.9  # FedAdam / FedYogi.
+  c.server_b2 = 0.99
+  c.server_eps = 1e-3  # Adaptivity (Reddi et al. 2021).
+  c.prox_mu = 0.0  # FedProx proximal term; 0: plain FedAvg.
+  c.keep_client_state = True  # Keep each client's optimizer state across rounds (paper's artifact).
+  c.client_block = 0  # Clients per vmapped call; 0: all sampled clients at once.
+  return c
+
+
+def incremental_config() -> ml_collections.ConfigDict:
+  """Chains of stages, one participant after another."""
+  c = ml_collections.ConfigDict()
+  c.order = ''  # Comma-separated participant names; '' means the configured order.
+  c.all_orders = False  # Every permutation of the participants (the study does this).
+  return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """Perplexity, pass@k and memorization (PROTOCOL: Effectiveness, Memorization)."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 32  # Rows per compiled sampling / evaluation batch.
+  c.stop_strings = ('\nclass', '\ndef', '\n#', '\n@', '\nprint', '\nif')
+  c.passk = ml_collections.ConfigDict()
+  c.passk.enabled = True
+  c.passk.num_problems = 0  # First N HumanEval problems; 0: all 164.
+  c.passk.n = 200  # Samples per problem (PROTOCOL: 200).
+  c.passk.ks = (1, 10, 100)
+  c.passk.temperature = 0.8
+  c.passk.top_p = 0.95
+  c.passk.max_new_tokens = 256
+  c.passk.timeout = 3.0  # Seconds per program.
+  c.passk.allow_weak_sandbox = False  # Run without bwrap (resource limits only) if True.
+  c.memorization = ml_collections.ConfigDict()
+  c.memorization.enabled = True
+  c.memorization.max_prompts = 0  # Prompts per participant (seeded subsample); 0: all.
+  c.memorization.samples_per_prompt = 5  # PROTOCOL: 5.
+  c.memorization.temperature = 0.6
+  c.memorization.top_p = 0.6
+  c.memorization.repetition_penalty = 1.1
+  c.memorization.max_prompt_tokens = 512
+  c.memorization.max_new_tokens = 512
+  c.memorization.min_lines = 6  # Clone threshold in normalized lines (Simian: 6).
+  c.memorization.clone_type = 1  # 1: whitespace ignored; 2: identifiers/literals abstracted.
+  c.memorization.unprompted_samples = 0  # Extraction protocol samples (top-k 40, T 1.0); 0: off.
+  return c
+
+
+def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
+  """Everything a run needs; families override what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 1  # One seed: split into init, data and train keys (PROTOCOL: 1).
+  c.setting = 'centralized'  # 'single', 'centralized', 'federated' or 'incremental'.
+  c.single = ''  # Participant trained alone when setting == 'single'.
+  c.model = model_config(size)
+  c.data = data_config(default_participants(), seq_len=c.model.max_len)
+  c.train = train_config()
+  c.parallel = parallel_config()
+  c.federated = federated_config()
+  c.incremental = incremental_config()
+  c.eval = eval_config()
+  return c
