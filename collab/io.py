@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -26,14 +26,21 @@ def dumps(obj: Any) -> str:
   return json.dumps(obj, indent=2, sort_keys=True, default=_default) + '\n'
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes to a temporary file in the same folder, then renames over `path`."""
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def atomic_write(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
+  """Calls `write(file)` on a temporary file in the same folder, then renames it to `path`."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.')
+  os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; results need not be.
   try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb' if binary else 'w', **({} if binary else {'encoding': 'utf-8'})) as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -41,6 +48,10 @@ def atomic_write_text(path: str, text: str) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  atomic_write(path, lambda f: f.write(text))
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -69,6 +80,7 @@ def atomic_dir(path: str) -> Iterator[str]:
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(path) + '.tmp.')
+  os.chmod(tmp, 0o777 & ~_umask())
   try:
     yield tmp
     if os.path.exists(path):

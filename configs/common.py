@@ -43,6 +43,9 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
   c.vocab_size = 0  # 0: taken from the tokenizer at run time.
   c.dropout = 0.1  # Embedding, attention and residual dropout (GPT-2: 0.1).
   c.dtype = 'float32'  # Compute dtype: float32 or bfloat16; parameters stay float32.
+  # 'xla' (einsum attention, any device) or 'cudnn' (fused attention: GPU, bfloat16; used
+  # where attention dropout is off, i.e. evaluation, sampling or dropout 0).
+  c.attention = 'xla'
   return c
 
 
@@ -74,7 +77,7 @@ def data_config(participants, seq_len: int) -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # A local Hugging Face tokenizer folder; '' trains a BPE.
   c.tokenizer.vocab_size = 8192  # BPE vocabulary size when training one.
-  c.tokenizer.train_on = ''  # '' all training splits, or one participant's name.
+  c.tokenizer.train_on = ''  # '' all training splits, one participant's name, or a source spec.
   c.tokenizer.max_bytes = 20_000_000  # Training text cap for the BPE trainer.
   return c
 
@@ -160,6 +163,8 @@ def eval_config() -> ml_collections.ConfigDict:
   c.passk.max_new_tokens = 256
   c.passk.timeout = 3.0  # Seconds per program.
   c.passk.allow_weak_sandbox = False  # Run without bwrap (resource limits only) if True.
+  c.passk.workers = 0  # Programs run at once, one sandbox each; 0: one per CPU core.
+  c.passk.memory_mb = 1024  # Address-space limit per program (RLIMIT_AS).
   c.memorization = ml_collections.ConfigDict()
   c.memorization.enabled = True
   c.memorization.max_prompts = 0  # Prompts per participant (seeded subsample); 0: all.

@@ -1,0 +1,248 @@
+"""build_data end to end on small dir:/jsonl: corpora: outputs, no-op, atomicity, bad input."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from collab.data import blocks
+from collab.data import build
+from collab.data import sources
+from collab.data import tfds_builder
+from collab.data import tokenizer as tokenizer_lib
+from configs import common
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _code(org, i):
+  """A file that passes the deterministic filters (keywords, > 4 '=', short lines)."""
+  return (f'def {org}_fn_{i}(alpha, beta):\n    gamma = alpha + beta * {i}\n'
+          f'    delta = gamma - {i % 7}\n    for k in range({i % 5 + 1}):\n'
+          f'        delta = delta + k\n    return delta == {i}\n')
+
+
+def _make_dir(root, org, repos=3, files=10):
+  for r in range(repos):
+    for i in range(files):
+      path = os.path.join(root, org, f'{org}_repo{r}', 'src', f'm{i}.py')
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, 'w') as f:
+        f.write(_code(org, r * 100 + i))
+  return os.path.join(root, org)
+
+
+def _make_jsonl(root, org, n=30):
+  path = os.path.join(root, f'{org}_train.json.gz')
+  with gzip.open(path, 'wt', encoding='utf-8') as f:
+    for i in range(n):
+      content = _code(org, i)
+      f.write(json.dumps({'repo_name': f'{org}/r{i % 4}', 'path': f'p{i}.py', 'copies': '1',
+                          'size': str(len(content)), 'content': content,
+                          'license': 'mit'}) + '\n')
+  return path
+
+
+def _cfg(participants, **overrides):
+  c = common.data_config(participants, seq_len=32)
+  c.tokenizer.vocab_size = 300
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+@pytest.fixture(scope='module')
+def corpora(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('corpora'))
+  alpha = _make_dir(root, 'alpha')
+  with open(os.path.join(alpha, 'alpha_repo0', 'blob.py'), 'wb') as f:
+    f.write(b'\x00\x01binary')  # Skipped and counted, not a crash.
+  os.symlink(alpha, os.path.join(alpha, 'alpha_repo1', 'loop'))
+  return {'alpha': alpha, 'beta': _make_jsonl(root, 'beta'), 'root': root}
+
+
+@pytest.fixture(scope='module')
+def built(corpora, tmp_path_factory):
+  cfg = _cfg([common.participant('alpha', [f"dir:{corpora['alpha']}"]),
+              common.participant('beta', [f"jsonl:{corpora['beta']}"])])
+  data_dir = str(tmp_path_factory.mktemp('built') / 'data')
+  card = build.build_data(cfg, data_dir, progress=False)
+  return cfg, data_dir, card
+
+
+def test_build_writes_the_documented_folder(built):
+  _, data_dir, card = built
+  assert sorted(os.listdir(data_dir)) == ['blocks', 'data_card.json', 'manifest.json', 'tfds',
+                                          'tokenizer']
+  manifest = blocks.load_manifest(data_dir)
+  assert manifest['participants'] == ['alpha', 'beta'] and manifest['seq_len'] == 32
+  assert manifest['block_dtype'] == 'uint16' and manifest['vocab_size'] <= 300
+  tok = tokenizer_lib.load_tokenizer(data_dir)
+  assert manifest['eot_id'] == tok.eos_token_id and manifest['vocab_size'] == len(tok)
+  skipped = card['participants']['alpha']['skipped']
+  assert skipped['binary'] == 1 and skipped['symlink_loop'] == 1
+  for name in ('alpha', 'beta'):
+    entry = card['participants'][name]
+    assert entry['read']['files'] == 30 and entry['filters'][0]['before'] == 30
+    for split in ('train', 'valid'):
+      s = entry['splits'][split]
+      b = blocks.load_blocks(data_dir, name, split)
+      assert b.shape == (s['blocks'], 32) and s['tokens'] // 32 == s['blocks']
+      assert len(s['sha256']) == 64
+
+
+def test_tfds_and_blocks_agree_with_the_cleaned_files(built, corpora):
+  _, data_dir, card = built
+  tok = tokenizer_lib.load_tokenizer(data_dir)
+  encode, eot = tokenizer_lib.make_encoder(tok), tok.eos_token_id
+  for split in ('train', 'valid'):
+    records = tfds_builder.load_split(data_dir, 'alpha', split)
+    assert len(records) == card['participants']['alpha']['splits'][split]['files']
+    for r in records:  # Every stored file is the file on disk, byte for byte.
+      with open(os.path.join(corpora['alpha'], r['repo'], r['path']), encoding='utf-8') as f:
+        assert r['content'] == f.read()
+    expected = blocks.pack(encode([r['content'] for r in records]), eot, 32)
+    np.testing.assert_array_equal(blocks.load_blocks(data_dir, 'alpha', split), expected)
+
+
+def test_tfds_read_back_equals_input(tmp_path):
+  splits = {'org_train': [{'repo': 'r', 'path': f'{i}.py', 'content': f'x = "é{i}"\n',
+                           'license': 'mit'} for i in range(5)],
+            'org_valid': [{'repo': 'q', 'path': 'v.py', 'content': '', 'license': ''}]}
+  tfds_builder.write_tfds(splits, str(tmp_path / 'tfds'))
+  for split in ('train', 'valid'):
+    got = tfds_builder.load_split(str(tmp_path), 'org', split)
+    assert list(got) == splits[f'org_{split}']
+  assert got[-1] == splits['org_valid'][-1]
+  with pytest.raises(ValueError, match='org_test'):
+    tfds_builder.load_split(str(tmp_path), 'org', 'test')
+
+
+def test_second_build_is_a_no_op_until_inputs_change(built, corpora, monkeypatch, tmp_path):
+  cfg, data_dir, card = built
+  mtime = os.path.getmtime(os.path.join(data_dir, 'manifest.json'))
+
+  def fail(*args, **kwargs):
+    raise AssertionError('the sources were read again')
+
+  with monkeypatch.context() as m:
+    m.setattr(sources, 'read_participant', fail)
+    assert build.build_data(cfg, data_dir, progress=False) == card
+  assert os.path.getmtime(os.path.join(data_dir, 'manifest.json')) == mtime
+  # Changing the inputs rebuilds (in a copy, so the module fixture stays as it was).
+  corpus = _make_dir(str(tmp_path), 'gamma')
+  cfg2 = _cfg([common.participant('gamma', [f'dir:{corpus}'])])
+  other = str(tmp_path / 'data')
+  first = build.build_data(cfg2, other, progress=False)
+  with open(os.path.join(corpus, 'gamma_repo0', 'src', 'extra.py'), 'w') as f:
+    f.write(_code('gamma', 999))
+  second = build.build_data(cfg2, other, progress=False)
+  assert second['inputs'] != first['inputs']
+  assert second['participants']['gamma']['read']['files'] == 31
+
+
+def test_interrupted_build_leaves_nothing(corpora, monkeypatch, tmp_path):
+  cfg = _cfg([common.participant('alpha', [f"dir:{corpora['alpha']}"])])
+  data_dir = str(tmp_path / 'data')
+
+  def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(tfds_builder, 'write_tfds', interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    build.build_data(cfg, data_dir, progress=False)
+  assert os.listdir(str(tmp_path)) == []  # Neither the folder nor a temporary sibling.
+
+
+def test_repo_split_dedup_across_and_tokenizer_choice(corpora, tmp_path):
+  alpha = f"dir:{corpora['alpha']}"
+  cfg = _cfg([common.participant('alpha', [alpha]), common.participant('copy', [alpha])],
+             split='repo', dedup_across=True)
+  with pytest.raises(build.EmptyParticipantError, match="'copy'"):
+    build.build_data(cfg, str(tmp_path / 'd1'), progress=False)  # All clones of alpha.
+  cfg = _cfg([common.participant('alpha', [alpha])], split='repo')
+  cfg.tokenizer.train_on = 'alpha'
+  card = build.build_data(cfg, str(tmp_path / 'd2'), progress=False)
+  splits = card['participants']['alpha']['splits']
+  repos = {s: {r['repo'] for r in tfds_builder.load_split(str(tmp_path / 'd2'), 'alpha', s)}
+           for s in ('train', 'valid')}
+  assert repos['train'] and repos['valid'] and not repos['train'] & repos['valid']
+  assert splits['valid']['repos'] == 1 and card['tokenizer']['trained_on'] == ['alpha']
+  # A local tokenizer folder is used as is, and copied beside the data.
+  cfg.tokenizer.path = str(tmp_path / 'd2' / 'tokenizer')
+  card3 = build.build_data(cfg, str(tmp_path / 'd3'), progress=False)
+  assert card3['vocab_size'] == card['vocab_size']
+  assert splits == card3['participants']['alpha']['splits']
+
+
+def test_bad_inputs_raise_clear_errors(corpora, tmp_path):
+  alpha = f"dir:{corpora['alpha']}"
+  data_dir = str(tmp_path / 'data')
+  cases = [
+      ([common.participant('a', [alpha]), common.participant('a', [alpha])], 'Duplicate'),
+      ([common.participant('a', ['pkg:not-a-real-package-xyz'])], 'not-a-real-package-xyz'),
+      ([common.participant('a', [f'dir:{tmp_path}/missing'])], 'missing'),
+      ([common.participant('a-b', [alpha])], 'letters, digits'),
+      ([], 'participants is empty'),
+  ]
+  for participants, message in cases:
+    with pytest.raises(ValueError, match=message):
+      build.build_data(_cfg(participants), data_dir, progress=False)
+  few = tmp_path / 'few' / 'repo'
+  few.mkdir(parents=True)
+  (few / 'a.py').write_text('def f():\n    return 1\n')  # Fails filter 8.
+  with pytest.raises(build.EmptyParticipantError, match="'few'.*no train blocks"):
+    build.build_data(_cfg([common.participant('few', [f'dir:{few.parent}'])]), data_dir,
+                     progress=False)
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"repo_name": "r", "path": "p", "content": "x", "license": ""}\n{oops\n')
+  with pytest.raises(ValueError, match='line 2'):
+    build.build_data(_cfg([common.participant('j', [f'jsonl:{bad}'])]), data_dir,
+                     progress=False)
+  assert not os.path.exists(data_dir)
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'thesis.tex').write_text('precious')
+  with pytest.raises(ValueError, match='not a collab data folder'):
+    build.build_data(_cfg([common.participant('a', [alpha])]), str(tmp_path / 'mine'),
+                     progress=False)
+  assert (tmp_path / 'mine' / 'thesis.tex').read_text() == 'precious'
+
+
+def test_launcher_prints_the_card_or_a_clear_error(corpora, tmp_path):
+  config = tmp_path / 'cfg.py'
+  config.write_text(
+      'from configs import common\n'
+      'def get_config(arg=None):\n'
+      '  c = common.base_config("tiny")\n'
+      '  c.data.participants = [common.participant("alpha", [arg])]\n'
+      '  c.data.seq_len = 32\n'
+      '  c.data.tokenizer.vocab_size = 300\n'
+      '  return c\n')
+  env = {**os.environ, 'PYTHONPATH': REPO_ROOT}
+
+  def run(arg, data_dir):
+    return subprocess.run([sys.executable, '-m', 'launch.build_data', f'--config={config}:{arg}',
+                           f'--data_dir={data_dir}'], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=env, timeout=120)
+
+  ok = run(f"dir:{corpora['alpha']}", tmp_path / 'data')
+  assert ok.returncode == 0, ok.stderr
+  assert '== alpha' in ok.stdout and 'exact_dedup' in ok.stdout and 'blocks' in ok.stdout
+  bad = run(f'dir:{tmp_path}/nowhere', tmp_path / 'data2')
+  assert bad.returncode == 1
+  assert 'nowhere' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_tokenizer_can_train_on_a_public_source_only(corpora, tmp_path):
+  cfg = _cfg([common.participant('alpha', [f"dir:{corpora['alpha']}"])])
+  cfg.tokenizer.train_on = f"jsonl:{corpora['beta']}"  # No participant's code pooled.
+  card = build.build_data(cfg, str(tmp_path / 'data'), progress=False)
+  assert card['tokenizer']['trained_on'] == [cfg.tokenizer.train_on]
+  assert card['tokenizer']['train_files'] == 30  # beta's 30 files, alpha's none.
+  cfg.tokenizer.train_on = 'nobody'
+  with pytest.raises(ValueError, match='train_on'):
+    build.build_data(cfg, str(tmp_path / 'data2'), progress=False)

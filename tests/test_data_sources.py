@@ -1,0 +1,158 @@
+"""Sources: pkg:, stdlib, dir:, jsonl: records, and every bad input skipped or reported."""
+
+import collections
+import gzip
+import importlib.metadata
+import json
+import os
+
+import pytest
+
+from collab.data import sources
+
+
+def _read(spec, max_file_bytes=1_000_000):
+  skipped = collections.Counter()
+  records = list(sources.iter_source(spec, 'org', max_file_bytes, skipped))
+  return records, skipped
+
+
+def _write(path, data):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  mode = 'wb' if isinstance(data, bytes) else 'w'
+  with open(path, mode) as f:
+    f.write(data)
+
+
+def test_pkg_source_reads_the_distribution_py_files():
+  dist = importlib.metadata.distribution('ml-collections')
+  expected = sorted(str(f) for f in dist.files if f.suffix == '.py'
+                    and os.path.isfile(dist.locate_file(f)))
+  records, skipped = _read('pkg:ml-collections')
+  assert [r['path'] for r in records] == expected
+  assert {r['repo'] for r in records} == {f"{dist.metadata['Name']}=={dist.version}"}
+  assert all(r['participant'] == 'org' and isinstance(r['content'], str) for r in records)
+  first = records[0]
+  with open(dist.locate_file(first['path']), encoding='utf-8') as f:
+    assert first['content'] == f.read()
+  assert sum(skipped.values()) == 0
+  assert sources.package_versions(['pkg:ml-collections']) == {'ml-collections': dist.version}
+
+
+def test_unknown_package_is_a_clear_error():
+  with pytest.raises(sources.SourceError, match='no-such-package-xyz'):
+    _read('pkg:no-such-package-xyz')
+  with pytest.raises(ValueError, match='Unknown source'):
+    sources.parse_source('git:foo')
+
+
+def test_stdlib_source_never_reads_site_packages():
+  records, _ = _read('stdlib')
+  paths = {(r['repo'], r['path']) for r in records}
+  assert ('stdlib', 'os.py') in paths
+  assert ('stdlib/json', 'decoder.py') in paths
+  assert not any('site-packages' in r['path'] or 'dist-packages' in r['path']
+                 or 'site-packages' in r['repo'] for r in records)
+  assert all(r['license'] == 'PSF-2.0' for r in records)
+
+
+def test_dir_source_repo_is_the_first_level_folder(tmp_path):
+  _write(str(tmp_path / 'repo_a' / 'pkg' / 'mod.py'), 'a = 1\n')
+  _write(str(tmp_path / 'repo_a' / 'README.md'), 'not python')
+  _write(str(tmp_path / 'repo_b' / 'main.py'), 'b = 2\n')
+  _write(str(tmp_path / 'loose.py'), 'c = 3\n')
+  records, _ = _read(f'dir:{tmp_path}')
+  got = [(r['repo'], r['path'], r['content']) for r in records]
+  assert got == [(tmp_path.name, 'loose.py', 'c = 3\n'), ('repo_a', 'pkg/mod.py', 'a = 1\n'),
+                 ('repo_b', 'main.py', 'b = 2\n')]
+
+
+def test_missing_dir_is_a_clear_error(tmp_path):
+  missing = tmp_path / 'nope'
+  with pytest.raises(FileNotFoundError, match='nope'):
+    _read(f'dir:{missing}')
+  with pytest.raises(ValueError):  # Also a ValueError, so callers can catch either.
+    _read(f'dir:{missing}')
+
+
+def test_binary_non_utf8_and_oversized_files_are_skipped_and_counted(tmp_path):
+  _write(str(tmp_path / 'r' / 'good.py'), 'x = 1\n')
+  _write(str(tmp_path / 'r' / 'binary.py'), b'x = 1\x00\x01\x02')
+  _write(str(tmp_path / 'r' / 'latin1.py'), 'name = "caf\xe9"\n'.encode('latin-1'))
+  _write(str(tmp_path / 'r' / 'big.py'), 'y = 2\n' * 100)
+  records, skipped = _read(f'dir:{tmp_path}', max_file_bytes=100)
+  assert [r['path'] for r in records] == ['good.py']
+  assert (skipped['binary'], skipped['non_utf8'], skipped['oversized']) == (1, 1, 1)
+
+
+def test_symlink_loops_are_skipped_and_counted(tmp_path):
+  _write(str(tmp_path / 'r' / 'sub' / 'mod.py'), 'x = 1\n')
+  os.symlink(str(tmp_path / 'r'), str(tmp_path / 'r' / 'sub' / 'back'))  # Loop to an ancestor.
+  os.symlink(str(tmp_path / 'r' / 'sub'), str(tmp_path / 'r' / 'again'))  # Second way in.
+  os.symlink('self_loop.py', str(tmp_path / 'r' / 'self_loop.py'))  # ELOOP on open.
+  records, skipped = _read(f'dir:{tmp_path}')
+  assert [r['path'] for r in records] == ['sub/mod.py']
+  assert skipped['symlink_loop'] == 2
+  assert skipped['symlink_duplicate'] == 1
+
+
+def _paper_rows():
+  """Rows in the paper's release format (codeparrot-style: copies and size as strings)."""
+  return [{'repo_name': f'google/repo{i % 2}', 'path': f'src/m{i}.py', 'copies': '1',
+           'size': str(len(f'v{i} = {i}\n')), 'content': f'v{i} = {i}\n',
+           'license': 'apache-2.0'} for i in range(5)]
+
+
+def test_jsonl_source_reads_the_paper_format_gzipped_and_plain(tmp_path):
+  rows = _paper_rows()
+  text = ''.join(json.dumps(r) + '\n' for r in rows)
+  with gzip.open(tmp_path / 'google_train.json.gz', 'wt', encoding='utf-8') as f:
+    f.write(text)
+  _write(str(tmp_path / 'google_valid.jsonl'), text + '\n')  # A blank line is fine.
+  expected = [(r['repo_name'], r['path'], r['content'], r['license']) for r in rows]
+  for name in ('google_train.json.gz', 'google_valid.jsonl'):
+    records, _ = _read(f'jsonl:{tmp_path / name}')
+    assert [(r['repo'], r['path'], r['content'], r['license']) for r in records] == expected
+    assert set(records[0]) == {'participant', 'repo', 'path', 'content', 'license'}
+  both, _ = _read(f'jsonl:{tmp_path}/google_*')  # A glob takes both files, sorted.
+  assert len(both) == 2 * len(rows)
+
+
+def test_jsonl_malformed_line_names_its_number(tmp_path):
+  lines = [json.dumps(r) for r in _paper_rows()[:2]] + ['{"repo_name": "x", oops']
+  _write(str(tmp_path / 'bad.jsonl'), '\n'.join(lines) + '\n')
+  with pytest.raises(sources.SourceError, match=r'bad.jsonl, line 3: malformed JSON'):
+    _read(f'jsonl:{tmp_path / "bad.jsonl"}')
+  _write(str(tmp_path / 'nofield.jsonl'), json.dumps({'repo_name': 'x', 'path': 'p'}) + '\n')
+  with pytest.raises(sources.SourceError, match=r"line 1: missing .*'content'"):
+    _read(f'jsonl:{tmp_path / "nofield.jsonl"}')
+  with pytest.raises(FileNotFoundError, match='absent.json.gz'):
+    _read(f'jsonl:{tmp_path / "absent.json.gz"}')
+
+
+def test_jsonl_oversized_and_binary_contents_are_skipped_and_counted(tmp_path):
+  rows = _paper_rows()[:2]
+  rows.append({**rows[0], 'content': 'z = 0\n' * 50})
+  rows.append({**rows[0], 'content': 'a\x00b'})
+  _write(str(tmp_path / 'x.jsonl'), ''.join(json.dumps(r) + '\n' for r in rows))
+  records, skipped = _read(f'jsonl:{tmp_path / "x.jsonl"}', max_file_bytes=100)
+  assert len(records) == 2
+  assert (skipped['oversized'], skipped['binary']) == (1, 1)
+
+
+def test_fingerprint_changes_with_the_files(tmp_path):
+  _write(str(tmp_path / 'r' / 'a.py'), 'x = 1\n')
+  before = sources.source_fingerprint(f'dir:{tmp_path}')
+  assert sources.source_fingerprint(f'dir:{tmp_path}') == before
+  _write(str(tmp_path / 'r' / 'b.py'), 'y = 2\n')
+  assert sources.source_fingerprint(f'dir:{tmp_path}') != before
+
+
+def test_read_participant_counts_and_requires_sources(tmp_path):
+  _write(str(tmp_path / 'r' / 'a.py'), 'x = 1\n')
+  _write(str(tmp_path / 'r' / 'b.py'), b'\xff\xfe')
+  records, skipped = sources.read_participant('org', [f'dir:{tmp_path}'], 0, progress=False)
+  assert len(records) == 1 and skipped['non_utf8'] == 1
+  assert set(sources.SKIP_REASONS) <= set(skipped)  # Every reason shows in the card.
+  with pytest.raises(ValueError, match='no sources'):
+    sources.read_participant('org', [], 0)
