@@ -103,6 +103,11 @@ def train_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
   c.keep_checkpoints = 2  # Checkpoints kept per run.
   c.init_from = ''  # Another run's workdir or a Hugging Face GPT-2 folder.
+  # Matched budgets (study option): > 0 gives every setting this many training tokens
+  # (predicted tokens, batch_size * (seq_len - 1) per step), overriding steps/epochs here
+  # and federated local_steps/local_epochs (rounds kept); incremental stages split it
+  # equally. 0: off.
+  c.budget_tokens = 0
   return c
 
 
@@ -137,6 +142,10 @@ def federated_config() -> ml_collections.ConfigDict:
   c.prox_mu = 0.0  # FedProx proximal term; 0: plain FedAvg.
   c.keep_client_state = True  # Keep each client's optimizer state across rounds (paper's artifact).
   c.client_block = 0  # Clients per vmapped call; 0: all sampled clients at once.
+  c.vmap = True  # Clients vmapped over a leading axis; False: the reference loop, one by one.
+  c.steps_per_call = 0  # Local steps per compiled call (bounds batch memory); 0: a whole round.
+  c.checkpoint_every = 1  # Rounds between checkpoints (and one at the end).
+  c.eval_every = 0  # Rounds between validation passes; 0: only at the end.
   return c
 
 

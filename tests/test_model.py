@@ -1,0 +1,236 @@
+"""GPT-2 model: causality, KV cache, dtypes, sharding names, and that it can learn."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from collab import model as M
+from configs import common
+
+CFG = M.ModelConfig(vocab_size=128, num_layers=2, num_heads=4, d_model=64, d_ff=256,
+                    max_len=32)
+
+
+@functools.lru_cache
+def _init(cfg=CFG, seed=0):
+  tokens_1x4 = jnp.zeros((1, 4), jnp.int32)
+  return nn.meta.unbox(jax.jit(M.GPT2(cfg).init)(jax.random.key(seed), tokens_1x4)['params'])
+
+
+@functools.lru_cache
+def _apply(cfg=CFG):
+  """Jitted uncached forward: eager Flax dispatch would dominate these tests' time."""
+  return jax.jit(lambda params, tokens_BxL: M.GPT2(cfg).apply({'params': params}, tokens_BxL))
+
+
+def _tokens(shape, seed=1, vocab=CFG.vocab_size):
+  return jax.random.randint(jax.random.key(seed), shape, 0, vocab, jnp.int32)
+
+
+def test_from_config_takes_vocab_from_argument_only_when_zero():
+  c = common.model_config('tiny')
+  assert M.ModelConfig.from_config(c, 300).vocab_size == 300
+  c.vocab_size = 77
+  assert M.ModelConfig.from_config(c, 300).vocab_size == 77
+  c.vocab_size = 0
+  with pytest.raises(ValueError, match='vocab'):
+    M.ModelConfig.from_config(c, 0)
+  with pytest.raises(ValueError, match='dtype'):
+    dataclasses.replace(CFG, dtype='float16')
+  with pytest.raises(ValueError, match='divisible'):
+    dataclasses.replace(CFG, num_heads=5)
+  with pytest.raises(ValueError, match='attention'):
+    dataclasses.replace(CFG, attention='flash')
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='checks the non-GPU message')
+def test_cudnn_attention_off_gpu_says_so():
+  cfg = dataclasses.replace(CFG, attention='cudnn')
+  with pytest.raises(ValueError, match="needs an NVIDIA GPU.*attention='xla'"):
+    jax.eval_shape(M.GPT2(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_parameter_counts_of_size_presets():
+  counts = {size: M.count_params(M.abstract_params(
+      M.ModelConfig.from_config(common.model_config(size), vocab)))
+            for size, vocab in (('tiny', 8192), ('small', 8192), ('gpt2', 50257))}
+  assert 1.3e6 < counts['tiny'] < 1.7e6
+  assert 6e6 < counts['small'] < 8e6
+  assert counts['gpt2'] == 124_439_808  # transformers' GPT2LMHeadModel('gpt2'), tied.
+
+
+def test_causality():
+  params = _init()
+  tokens_BxL = _tokens((2, 16))
+  t = 9
+  changed_BxL = tokens_BxL.at[:, t + 1:].set((tokens_BxL[:, t + 1:] + 1) % CFG.vocab_size)
+  a = _apply()(params, tokens_BxL)
+  b = _apply()(params, changed_BxL)
+  np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6, rtol=0)
+  assert np.abs(a[:, t + 1:] - b[:, t + 1:]).max() > 1e-3  # The change is visible later.
+
+
+def test_context_longer_than_positions_raises():
+  with pytest.raises(ValueError, match=r"context 33 is longer than the model's max_len 32"):
+    jax.eval_shape(M.GPT2(CFG).init, jax.random.key(0), jnp.zeros((1, 33), jnp.int32))
+  with pytest.raises(ValueError, match='max_len'):
+    M.init_cache(CFG, 1, 40)
+
+
+def test_out_of_range_positions_and_tokens_give_nan_not_garbage():
+  params = _init()
+  apply = jax.jit(M.GPT2(CFG).apply)
+  positions_2x4 = jnp.array([[0, 1, 2, 3], [0, 1, 2, CFG.max_len]])
+  logits = apply({'params': params}, _tokens((2, 4)), positions_BxL=positions_2x4)
+  assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()
+  bad_tokens_2x2 = jnp.array([[1, 2], [1, CFG.vocab_size]])
+  logits = apply({'params': params}, bad_tokens_2x2)
+  assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()
+
+
+def _decode_with_cache(params, cfg, seqs, prompt_lens, steps):
+  """Prefills right-padded prompts in one call, then feeds one token per row per step."""
+  B = len(seqs)
+  width = max(prompt_lens)
+  prompts_BxW = np.zeros((B, width), np.int32)
+  for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
+    prompts_BxW[b, :n] = s[:n]
+  apply = jax.jit(lambda p, t, pos, c: M.GPT2(cfg).apply({'params': p}, t, positions_BxL=pos,
+                                                          cache=c))
+  cache = M.init_cache(cfg, B, width + steps)
+  prefill_BxWxV, cache = apply(params, prompts_BxW,
+                               np.broadcast_to(np.arange(width), (B, width)), cache)
+  lens_B = np.array(prompt_lens)
+  decoded = []  # decoded[j][b]: logits at position lens_B[b] + j.
+  for j in range(steps):
+    tokens_Bx1 = np.array([[s[n + j]] for s, n in zip(seqs, prompt_lens)], np.int32)
+    logits_Bx1xV, cache = apply(params, tokens_Bx1, (lens_B + j)[:, None], cache)
+    decoded.append(logits_Bx1xV[:, 0])
+  return prefill_BxWxV, decoded
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_cached_decoding_equals_full_recompute(dtype):
+  cfg = dataclasses.replace(CFG, dtype=dtype)
+  params = _init(cfg)
+  prompt_lens, steps = [3, 7, 5], 6
+  seqs = [np.asarray(_tokens((n + steps,), seed=10 + b)) for b, n in enumerate(prompt_lens)]
+  prefill_BxWxV, decoded = _decode_with_cache(params, cfg, seqs, prompt_lens, steps)
+  # bfloat16 rounds differently when one query runs instead of L; float32 must be exact.
+  tol = 1e-5 if dtype == 'float32' else 5e-2
+  # One uncached forward of all rows right-padded: causal, so padding changes nothing.
+  padded_BxL = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+  for b, s in enumerate(seqs):
+    padded_BxL[b, :len(s)] = s
+  full_BxLxV = _apply(cfg)(params, padded_BxL)
+  for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
+    full_LxV = full_BxLxV[b]
+    np.testing.assert_allclose(prefill_BxWxV[b, :n], full_LxV[:n], atol=tol, rtol=0)
+    for j in range(steps):
+      np.testing.assert_allclose(decoded[j][b], full_LxV[n + j], atol=tol, rtol=0)
+
+
+def test_cache_misuse_is_reported():
+  params = _init()
+  model = M.GPT2(CFG)
+  # These raise at trace time; the last call is small enough to run eagerly.
+  with pytest.raises(ValueError, match='do not fit a cache of 4 slots'):
+    model.apply({'params': params}, _tokens((2, 5)), cache=M.init_cache(CFG, 2, 4))
+  with pytest.raises(ValueError, match='cache keys have shape'):
+    model.apply({'params': params}, _tokens((2, 3)), cache=M.init_cache(CFG, 3, 4))
+  # A decode step past the cache cannot attend to its own key: NaN, not a wrong answer.
+  cache = M.init_cache(CFG, 1, 4)
+  logits, _ = model.apply({'params': params}, _tokens((1, 1)), positions_BxL=jnp.array([[4]]),
+                          cache=cache)
+  assert np.isnan(logits).all()
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits():
+  cfg = dataclasses.replace(CFG, dtype='bfloat16')
+  variables = M.GPT2(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  params = nn.meta.unbox(variables['params'])
+  assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype('float32')}
+  tokens_BxL = _tokens((2, 16))
+  logits16 = _apply(cfg)(params, tokens_BxL)
+  logits32 = _apply()(params, tokens_BxL)
+  assert logits16.dtype == jnp.float32
+  assert np.isfinite(logits16).all()
+  assert 0 < np.abs(logits16 - logits32).max() < 0.1  # Rounded, yet the same function.
+  jaxpr = str(jax.make_jaxpr(lambda p: M.GPT2(cfg).apply({'params': p}, tokens_BxL))(params))
+  assert 'bf16' in jaxpr
+  grads = jax.eval_shape(jax.grad(lambda p: _apply(cfg)(p, tokens_BxL).mean()), params)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(grads)} == {jnp.dtype('float32')}
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+  params = _init()
+  tokens_BxL = _tokens((2, 8))
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def run(cfg, seed):
+    return M.GPT2(cfg).apply({'params': params}, tokens_BxL, deterministic=False,
+                             rngs={'dropout': jax.random.key(seed)})
+  assert np.abs(run(CFG, 0) - run(CFG, 1)).max() > 1e-3
+  np.testing.assert_array_equal(run(CFG, 0), run(CFG, 0))
+  no_dropout = dataclasses.replace(CFG, dropout=0.0)
+  np.testing.assert_allclose(run(no_dropout, 0), _apply()(params, tokens_BxL), atol=1e-6)
+
+
+def test_decay_mask_excludes_biases_and_layer_norm():
+  mask = M.decay_mask(_init())
+  assert mask['wte'] and mask['wpe'] and mask['h_0']['attn']['c_attn_kernel']
+  assert mask['h_1']['mlp']['c_proj_kernel']
+  assert not mask['h_0']['attn']['c_attn_bias'] and not mask['h_0']['mlp']['c_fc_bias']
+  assert not mask['h_0']['ln_1']['scale'] and not mask['ln_f']['bias']
+
+
+def test_every_parameter_has_logical_names_and_shards_over_a_mesh():
+  tokens_BxL = _tokens((4, 16))
+  boxed = jax.eval_shape(M.GPT2(CFG).init, jax.random.key(0), tokens_BxL)
+  specs = nn.get_partition_spec(boxed)
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  rules = common.parallel_config().rules
+  # Auto axes: logical constraints are hints here, not assertions as under Explicit axes.
+  mesh = jax.make_mesh((2, 2), ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  init = jax.jit(M.GPT2(CFG).init, out_shardings=shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    variables = init(jax.random.key(0), tokens_BxL)
+    wte = variables['params']['wte'].value
+    assert wte.sharding.spec == jax.sharding.PartitionSpec('model', None)
+    logits = jax.jit(M.GPT2(CFG).apply)(variables, tokens_BxL)
+  expected = _apply()(_init(), tokens_BxL)
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_tiny_model_overfits_a_tiny_batch():
+  model = M.GPT2(CFG)
+  params = _init()
+  tokens_BxL = _tokens((4, 17), seed=3)
+  optimizer = optax.adamw(3e-3, weight_decay=0.0)
+
+  def loss_fn(p, rng):
+    logits = model.apply({'params': p}, tokens_BxL[:, :-1], deterministic=False,
+                         rngs={'dropout': rng})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxL[:, 1:]).mean()
+
+  @jax.jit
+  def step(p, opt_state, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(p, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, loss
+
+  opt_state = optimizer.init(params)
+  losses = []
+  for i in range(30):
+    params, opt_state, loss = step(params, opt_state, jax.random.key(i))
+    losses.append(float(loss))
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.5 * losses[0], losses
