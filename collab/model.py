@@ -290,17 +290,6 @@ def _check_cache(cache, config: ModelConfig, batch: int, length: int) -> None:
                      'longer cache with init_cache.')
 
 
-def decay_mask(params):
-  """True where AdamW should decay: kernels and embeddings, not biases or LayerNorm.
-
-  Decided by name, not rank: the fused attention bias is [3, H, K], not a vector.
-  """
-  def decays(path, _):
-    name = str(getattr(path[-1], 'key', path[-1]))
-    return not (name in ('bias', 'scale') or name.endswith('_bias'))
-  return jax.tree_util.tree_map_with_path(decays, nn.meta.unbox(params))
-
-
 def count_params(params) -> int:
   """Number of scalars in a parameter tree (boxed or not)."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.meta.unbox(params)))

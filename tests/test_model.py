@@ -182,14 +182,6 @@ def test_dropout_is_active_only_when_not_deterministic():
   np.testing.assert_allclose(run(no_dropout, 0), _apply()(params, tokens_BxL), atol=1e-6)
 
 
-def test_decay_mask_excludes_biases_and_layer_norm():
-  mask = M.decay_mask(_init())
-  assert mask['wte'] and mask['wpe'] and mask['h_0']['attn']['c_attn_kernel']
-  assert mask['h_1']['mlp']['c_proj_kernel']
-  assert not mask['h_0']['attn']['c_attn_bias'] and not mask['h_0']['mlp']['c_fc_bias']
-  assert not mask['h_0']['ln_1']['scale'] and not mask['ln_f']['bias']
-
-
 def test_every_parameter_has_logical_names_and_shards_over_a_mesh():
   tokens_BxL = _tokens((4, 16))
   boxed = jax.eval_shape(M.GPT2(CFG).init, jax.random.key(0), tokens_BxL)

@@ -1,0 +1,183 @@
+"""Optimizer, schedule and the pure train/eval steps on a tiny GPT-2."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from collab import steps
+from configs import common
+from tests.multihost_worker import SEQ_LEN, tiny_setup
+
+B = 4
+
+
+def _train_cfg(**overrides):
+  cfg = common.train_config()
+  cfg.update(overrides)
+  return cfg
+
+
+def _batch(seed=0, rows=B, weights=None):
+  tokens = np.random.RandomState(seed).randint(0, 128, (rows, SEQ_LEN)).astype(np.int32)
+  batch = {'tokens': tokens}
+  if weights is not None:
+    batch['weights'] = np.asarray(weights, np.float32)
+  return batch
+
+
+@pytest.fixture(scope='module')
+def setup():
+  _, model, optimizer = tiny_setup()
+  init = jax.jit(functools.partial(steps.init_state, model=model, optimizer=optimizer,
+                                   seq_len=SEQ_LEN))
+  step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer))
+  evaluate = jax.jit(functools.partial(steps.eval_step, model=model))
+  return model, optimizer, init(jax.random.key(0)), step, evaluate
+
+
+def test_schedule_known_values_and_optax_reference():
+  cfg = _train_cfg(learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+  schedule = steps.make_schedule(cfg, total_steps=110)
+  assert float(schedule(0)) == 0.0
+  assert math.isclose(float(schedule(5)), 5e-4, rel_tol=1e-6)
+  assert math.isclose(float(schedule(10)), 1e-3, rel_tol=1e-6)
+  assert math.isclose(float(schedule(60)), 1e-4 + 0.9e-3 * 0.5, rel_tol=1e-5)  # Half-way.
+  assert math.isclose(float(schedule(110)), 1e-4, rel_tol=1e-5)
+  assert math.isclose(float(schedule(500)), 1e-4, rel_tol=1e-5)  # Stays at the floor.
+  reference = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 110, end_value=1e-4)
+  ours = np.array([schedule(s) for s in range(120)])
+  np.testing.assert_allclose(ours, [reference(s) for s in range(120)], rtol=1e-5, atol=1e-9)
+  assert np.all(np.diff(ours[10:111]) <= 0) and np.all(np.diff(ours[:11]) > 0)
+
+
+def test_schedule_warmup_is_capped_and_zero_warmup_starts_at_peak():
+  capped = steps.make_schedule(_train_cfg(learning_rate=1e-3, warmup_steps=50), total_steps=20)
+  assert math.isclose(float(capped(10)), 5e-4, rel_tol=1e-6)
+  assert math.isclose(float(capped(20)), 1e-3, rel_tol=1e-6)
+  no_warmup = steps.make_schedule(_train_cfg(learning_rate=1e-3, warmup_steps=0), total_steps=20)
+  assert math.isclose(float(no_warmup(0)), 1e-3, rel_tol=1e-6)
+  assert math.isclose(float(no_warmup(20)), 0.0, abs_tol=1e-12)
+  with pytest.raises(ValueError, match='total_steps'):
+    steps.make_schedule(_train_cfg(), total_steps=0)
+
+
+def test_optimizer_config_errors():
+  with pytest.raises(ValueError, match="'adam'"):
+    steps.make_optimizer(_train_cfg(optimizer='adam'), 10)
+  with pytest.raises(ValueError, match='grad_clip'):
+    steps.make_optimizer(_train_cfg(grad_clip=-1.0), 10)
+
+
+def test_decay_mask_excludes_biases_and_layernorm(setup):
+  model = setup[0]
+  boxed = jax.eval_shape(model.init, jax.random.key(0),
+                         jnp.zeros((1, SEQ_LEN), jnp.int32))['params']
+  mask = steps.decay_mask(nn.meta.unbox(boxed))
+  flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat["['wte']"] and flat["['wpe']"] and flat["['h_0']['mlp']['c_fc_kernel']"]
+  assert flat["['h_1']['attn']['c_attn_kernel']"]
+  for name, decays in flat.items():
+    if 'bias' in name or 'ln_' in name:
+      assert not decays, name
+  assert not flat["['h_0']['attn']['c_attn_bias']"]  # [3, H, K]: rank alone would decay it.
+  # The boxed tree (what sharded init hands the optimizer) gets the same decisions.
+  boxed_mask = nn.meta.unbox(steps.decay_mask(boxed))
+  assert jax.tree_util.tree_leaves(boxed_mask) == jax.tree_util.tree_leaves(mask)
+
+
+def test_weight_decay_applies_only_where_masked(setup):
+  params = setup[2]['params']
+  cfg = _train_cfg(learning_rate=0.1, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.5)
+  optimizer = steps.make_optimizer(cfg, 10)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  update = jax.jit(lambda p: optax.apply_updates(p, optimizer.update(zeros, optimizer.init(p),
+                                                                    p)[0]))
+  new = update(params)
+  mask = steps.decay_mask(params)
+  for p, n, m in zip(*(jax.tree_util.tree_leaves(t) for t in (params, new, mask))):
+    np.testing.assert_allclose(n, p * (1 - 0.1 * 0.5) if m else p, rtol=1e-6)
+
+
+def test_sgd_is_plain_gradient_descent(setup):
+  model, _, state, _, _ = setup
+  cfg = _train_cfg(optimizer='sgd', learning_rate=0.1, warmup_steps=0, min_lr_ratio=1.0,
+                   grad_clip=0.0)
+  optimizer = steps.make_optimizer(cfg, 10)
+  state = {**state, 'opt_state': optimizer.init(state['params'])}
+  batch = _batch(1)
+  new, metrics = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer))(
+      state, batch, jax.random.key(0))
+
+  def mean_loss(params):
+    loss_sum, count = steps.loss_sums(params, batch, model=model)
+    return loss_sum / count
+  grads = jax.jit(jax.grad(mean_loss))(state['params'])
+  expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, state['params'], grads)
+  for e, n in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(new['params'])):
+    np.testing.assert_allclose(n, e, rtol=1e-5, atol=1e-7)
+  assert math.isclose(float(metrics['lr']), 0.1, rel_tol=1e-6)
+
+
+def test_train_steps_reduce_loss_and_report_metrics(setup):
+  _, _, state, step, evaluate = setup
+  batch = _batch(2)
+  before = evaluate(state['params'], batch)
+  metrics = []
+  for _ in range(4):
+    state, m = step(state, batch, jax.random.key(1))
+    metrics.append(m)
+  after = evaluate(state['params'], batch)
+  assert int(state['step']) == 4
+  assert float(before[1]) == float(after[1]) == B * (SEQ_LEN - 1)
+  assert float(after[0]) < 0.97 * float(before[0])
+  train_cfg = tiny_setup()[0]
+  schedule = steps.make_schedule(train_cfg, 5)
+  for i, m in enumerate(metrics):
+    assert math.isclose(float(m['lr']), float(schedule(i)), rel_tol=1e-6, abs_tol=1e-12)
+    assert float(m['tokens']) == B * (SEQ_LEN - 1) and float(m['grad_norm']) > 0
+
+
+def test_eval_step_is_weighted_cross_entropy(setup):
+  model, _, state, _, evaluate = setup
+  batch = _batch(3, weights=[1.0, 0.0, 2.0, 1.0])
+  loss_sum, count = evaluate(state['params'], batch)
+  logits = np.asarray(model.apply({'params': state['params']}, batch['tokens']), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp[:, :-1], batch['tokens'][:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(float(loss_sum), (nll.sum(1) * batch['weights']).sum(), rtol=1e-5)
+  assert float(count) == 4 * (SEQ_LEN - 1)
+  assert math.isclose(steps.perplexity(loss_sum, count),
+                      math.exp(float(loss_sum) / float(count)), rel_tol=1e-12)
+  with pytest.raises(ValueError, match='token count'):
+    steps.perplexity(0.0, 0)
+
+
+def test_zero_weight_rows_do_not_affect_the_update(setup):
+  _, _, state, step, _ = setup
+  real = _batch(4)['tokens']
+  weights = np.array([1, 1, 0, 0], np.float32)
+  a = {'tokens': np.concatenate([real[:2], _batch(5)['tokens'][:2]]), 'weights': weights}
+  b = {'tokens': np.concatenate([real[:2], _batch(6)['tokens'][:2]]), 'weights': weights}
+  new_a, ma = step(state, a, jax.random.key(0))
+  new_b, mb = step(state, b, jax.random.key(0))
+  assert float(ma['tokens']) == 2 * (SEQ_LEN - 1)
+  np.testing.assert_array_equal(ma['loss_sum'], mb['loss_sum'])
+  for x, y in zip(jax.tree_util.tree_leaves(new_a), jax.tree_util.tree_leaves(new_b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8)
+
+
+def test_nan_loss_is_reported_with_its_step(setup):
+  _, _, state, step, _ = setup
+  batch = _batch(8)
+  batch['tokens'][0, 3] = 1000  # Outside the vocabulary: the model returns NaN logits.
+  _, metrics = step(state, batch, jax.random.key(0))
+  assert not math.isfinite(float(metrics['loss_sum']))
+  with pytest.raises(steps.NonFiniteLossError, match='step 7'):
+    steps.check_finite(metrics, 7)
+  steps.check_finite({'loss_sum': np.float32(2.0)}, 8)  # Finite: no error.
