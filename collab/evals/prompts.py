@@ -1,0 +1,132 @@
+"""Memorization prompts: every documented function of a participant's training files.
+
+PROTOCOL (Memorization): each function or method (async and nested ones included) with a
+non-empty docstring gives one prompt, the source text from its `def` line through the
+end of its docstring. The runner prepends the end-of-text token; it is not counted here.
+"""
+
+import ast
+import dataclasses
+import warnings
+from typing import Iterable, Optional
+
+import numpy as np
+from absl import logging
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """One prompt and where it comes from."""
+  participant: str
+  repo: str
+  path: str
+  line: int  # 1-based line of the `def` in the training file (decorators not included).
+  end_line: int  # 1-based line where the docstring ends.
+  name: str  # Qualified name, e.g. `Class.method` or `outer.<locals>.inner`.
+  text: str
+  num_tokens: int  # Tokens of `text` under the tokenizer; -1 without one.
+
+
+def _function_nodes(tree: ast.AST):
+  """(qualified name, node) of every function and method, in source order."""
+  found = []
+
+  def visit(node, prefix):
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        found.append((prefix + child.name, child))
+        visit(child, prefix + child.name + '.<locals>.')
+      elif isinstance(child, ast.ClassDef):
+        visit(child, prefix + child.name + '.')
+      else:
+        visit(child, prefix)
+
+  visit(tree, '')
+  return sorted(found, key=lambda item: (item[1].lineno, item[1].col_offset))
+
+
+def _prompt_text(lines: list, node) -> Optional[str]:
+  """Source from the `def` line through the docstring's end, dedented; None: no docstring.
+
+  The def line's indentation is removed from every line that starts with it, so the
+  prompt starts with `def` (or `async def`) at column 0; lines of a multi-line docstring
+  indented less than the def keep their text as written.
+  """
+  first = node.body[0] if node.body else None
+  if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+          and isinstance(first.value.value, str) and first.value.value.strip()):
+    return None
+  start, end = node.lineno - 1, first.end_lineno - 1
+  last = lines[end].encode('utf-8')[:first.end_col_offset].decode('utf-8', 'replace')
+  chunk = lines[start:end] + [last]
+  indent = chunk[0][:len(chunk[0]) - len(chunk[0].lstrip(' \t'))]
+  return '\n'.join(line[len(indent):] if line.startswith(indent) else line
+                   for line in chunk)
+
+
+def _parse(content: str):
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # Invalid escapes etc. in old code: not our concern.
+    try:
+      return ast.parse(content)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+      return None
+
+
+def _record_fields(record, i: int):
+  try:
+    content = record['content']
+  except (KeyError, TypeError):
+    raise ValueError(f'Record {i} has no "content" field; records must be dicts with '
+                     '"repo", "path" and "content" (as load_split yields).') from None
+  if not isinstance(content, str):
+    raise ValueError(f'Record {i}: "content" must be str, got {type(content).__name__}.')
+  repo = record.get('repo', record.get('repo_name', ''))
+  return str(repo), str(record.get('path', '')), content
+
+
+def extract_prompts(records: Iterable[dict], *, participant: str, tokenizer=None,
+                    max_tokens: int = 512, max_prompts: int = 0, seed: int = 1):
+  """Prompts of one participant's records ({repo, path, content}).
+
+  Files that do not parse (invalid or truncated code) are skipped and counted. With a
+  tokenizer, prompts longer than `max_tokens` tokens are skipped and counted (not cut:
+  a cut prompt would not end at its docstring); without one no token cap applies.
+  `max_prompts` > 0 keeps a seeded random subset of that size, in source order.
+
+  Returns (prompts, counts) with counts of files, unparsable files, functions, functions
+  with a docstring, prompts too long, and prompts kept.
+  """
+  counts = dict(files=0, unparsable=0, functions=0, documented=0, too_long=0, kept=0)
+  found = []
+  for i, record in enumerate(records):
+    repo, path, content = _record_fields(record, i)
+    counts['files'] += 1
+    content = content.replace('\r\n', '\n').replace('\r', '\n')
+    tree = _parse(content)
+    if tree is None:
+      counts['unparsable'] += 1
+      continue
+    lines = content.split('\n')
+    for name, node in _function_nodes(tree):
+      counts['functions'] += 1
+      text = _prompt_text(lines, node)
+      if text is not None:
+        found.append((repo, path, node.lineno, node.body[0].end_lineno, name, text))
+  counts['documented'] = len(found)
+  num_tokens = [-1] * len(found)
+  if tokenizer is not None and found:
+    ids = tokenizer([f[-1] for f in found], add_special_tokens=False)['input_ids']
+    num_tokens = [len(x) for x in ids]
+    keep = [n <= max_tokens for n in num_tokens]
+    counts['too_long'] = keep.count(False)
+    found = [f for f, k in zip(found, keep) if k]
+    num_tokens = [n for n, k in zip(num_tokens, keep) if k]
+  chosen = range(len(found))
+  if 0 < max_prompts < len(found):
+    chosen = np.sort(np.random.default_rng(seed).choice(len(found), max_prompts,
+                                                        replace=False))
+  prompts = [Prompt(participant, *found[i], num_tokens[i]) for i in chosen]
+  counts['kept'] = len(prompts)
+  logging.info('Prompts of %r: %s', participant, counts)
+  return prompts, counts
