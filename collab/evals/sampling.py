@@ -1,0 +1,441 @@
+"""Compiled batched sampling with a KV cache: greedy, temperature, top-k, top-p, penalty.
+
+How a batch is decoded, and why:
+- Prompts are sorted by length and batched; each batch is right-padded and prefilled in
+  one call (positions 0..S-1 for every row). Row b then decodes from its own length:
+  step t feeds its previous token at position len_b - 1 + t (step 0 re-feeds the last
+  prompt token, so the prefill never computes vocabulary logits) and samples token t.
+  Slots a row's padding wrote are overwritten before any query can see them.
+- Decoding is a `lax.while_loop` that exits once every row is done (end-of-text or its
+  token budget), run in chunks of `chunk_size` steps. Between chunks the host decodes
+  the new text and marks rows that produced a stop string as done (stop strings are
+  text, not tokens), records finished rows, and, once at most half the rows are still
+  going, gathers them into a smaller batch: done rows stop costing work at chunk
+  granularity, and a batch stops as soon as all its rows are done.
+- Randomness: the request's row r (prompt i, or prompt i's sample j in `generate_text`)
+  draws step t from fold_in(fold_in(key, r), t), so the same key gives the same samples
+  whatever the batch size, the device count or the order rows are batched in.
+- Context: a row generates min(max_new_tokens, max_len - prompt length) tokens. A prompt
+  longer than max_len - 1 tokens keeps its last max_len - 1 tokens (left truncation,
+  logged with a count) so at least one token can be generated.
+"""
+
+import dataclasses
+import functools
+import time
+from typing import Any, NamedTuple, Optional, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import auto as tqdm
+
+
+from collab import model as model_lib
+from collab import parallel
+
+PAD = -1  # Token slot not produced (row already done); never a vocabulary id.
+_BUCKET = 32  # Prompt and cache lengths are rounded up to this, to reuse compilations.
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How logits become a token; temperature 0 is greedy (argmax after the penalty)."""
+  temperature: float = 1.0
+  top_k: int = 0  # 0: off.
+  top_p: float = 1.0  # 1.0: off.
+  repetition_penalty: float = 1.0  # 1.0: off.
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'temperature must be >= 0 (0 is greedy), got {self.temperature}.')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0 (0 disables it), got {self.top_k}.')
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f'top_p must be in (0, 1] (1 disables it), got {self.top_p}.')
+    if self.repetition_penalty <= 0:
+      raise ValueError('repetition_penalty must be > 0 (1 disables it), got '
+                       f'{self.repetition_penalty}.')
+
+
+# --- Logits processors: pure functions of logits_BxV, applied in transformers' order.
+
+def apply_repetition_penalty(logits_BxV, seen_BxV, penalty: float):
+  """CTRL penalty: logits of seen tokens divided by `penalty` if positive, else multiplied."""
+  penalized_BxV = jnp.where(logits_BxV > 0, logits_BxV / penalty, logits_BxV * penalty)
+  return jnp.where(seen_BxV, penalized_BxV, logits_BxV)
+
+
+def apply_top_k(logits_BxV, k: int):
+  """Keeps the k largest logits of each row (and any tied with the k-th); -inf elsewhere."""
+  if k >= logits_BxV.shape[-1]:
+    return logits_BxV
+  kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
+  return jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+
+
+def apply_top_p(logits_BxV, p: float):
+  """Nucleus: the smallest set of most likely tokens whose mass is >= p; -inf elsewhere.
+
+  Tokens tied with the least likely kept token are all kept, so the result does not
+  depend on how a sort orders ties (the set is then the union of the smallest sets).
+  """
+  sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+  # Token i (in sorted order) is needed while the mass before it is still short of p.
+  num_kept_Bx1 = jnp.sum(mass_before_BxV < p, axis=-1, keepdims=True)
+  threshold_Bx1 = jnp.take_along_axis(sorted_BxV, num_kept_Bx1 - 1, axis=-1)
+  return jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+
+
+def process_logits(logits_BxV, seen_BxV, sp: SamplingParams):
+  """Repetition penalty, temperature, top-k, top-p (transformers' order)."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if sp.repetition_penalty != 1.0:
+    logits_BxV = apply_repetition_penalty(logits_BxV, seen_BxV, sp.repetition_penalty)
+  if sp.temperature == 0.0:
+    return logits_BxV
+  logits_BxV = logits_BxV / sp.temperature
+  if sp.top_k > 0:
+    logits_BxV = apply_top_k(logits_BxV, sp.top_k)
+  if sp.top_p < 1.0:
+    logits_BxV = apply_top_p(logits_BxV, sp.top_p)
+  return logits_BxV
+
+
+def sample_tokens(logits_BxV, seen_BxV, keys_B, sp: SamplingParams):
+  """One token per row; `keys_B` are the rows' keys for this step."""
+  logits_BxV = process_logits(logits_BxV, seen_BxV, sp)
+  if sp.temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
+
+
+# --- The compiled part: prefill, then a while_loop over steps.
+
+class DecodeState(NamedTuple):
+  """Everything the loop carries; every leaf but `step` has the batch as axis 0."""
+  cache: Any  # collab.model cache, [B, T, H, K] per layer.
+  last_B: jax.Array  # Token fed at the next step.
+  lengths_B: jax.Array  # Prompt lengths.
+  budget_B: jax.Array  # Tokens this row may generate.
+  keys_B: jax.Array  # Per-row keys (fold_in of the request's key and row id).
+  done_B: jax.Array
+  seen_BxV: jax.Array  # Tokens already present (prompt + generated), for the penalty.
+  tokens_BxN: jax.Array  # Generated tokens; PAD where the row was already done.
+  step: jax.Array  # Scalar: tokens generated so far (rows move in lockstep).
+
+
+def prefill(params, prompts_BxS, lengths_B, budget_B, keys_B, done_B, *, model, cache_len,
+            max_new_tokens, track_seen):
+  """Writes every prompt's keys and values in one call; returns the loop's first state."""
+  B, S = prompts_BxS.shape
+  cache = model_lib.init_cache(model.config, B, cache_len)
+  # Only the cache is used: XLA drops the vocabulary projection of the prefill.
+  _, cache = model.apply({'params': params}, prompts_BxS, cache=cache)
+  valid_BxS = jnp.arange(S)[None, :] < lengths_B[:, None]
+  V = model.config.vocab_size if track_seen else 1
+  ids_BxS = jnp.where(valid_BxS, prompts_BxS, V) if track_seen else jnp.zeros_like(
+      prompts_BxS)
+  seen_BxV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], ids_BxS].set(
+      True, mode='drop')
+  last_B = jnp.take_along_axis(prompts_BxS, (lengths_B - 1)[:, None], axis=1)[:, 0]
+  return DecodeState(
+      cache=cache, last_B=last_B, lengths_B=lengths_B, budget_B=budget_B, keys_B=keys_B,
+      done_B=done_B, seen_BxV=seen_BxV,
+      tokens_BxN=jnp.full((B, max_new_tokens), PAD, jnp.int32), step=jnp.int32(0))
+
+
+def _decode_step(params, s: DecodeState, *, model, sp, eot_id, cache_len):
+  """Feeds each row's last token at its own position and samples the next one."""
+  B = s.last_B.shape[0]
+  # Done rows keep running (fixed shapes); clamping keeps their writes inside the cache.
+  pos_B = jnp.minimum(s.lengths_B - 1 + s.step, cache_len - 1)
+  logits_Bx1xV, cache = model.apply({'params': params}, s.last_B[:, None],
+                                    positions_BxL=pos_B[:, None], cache=s.cache)
+  step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(s.keys_B, s.step)
+  tok_B = sample_tokens(logits_Bx1xV[:, 0], s.seen_BxV, step_keys_B, sp)
+  active_B = ~s.done_B
+  tok_B = jnp.where(active_B, tok_B, PAD)
+  seen_BxV = s.seen_BxV
+  if sp.repetition_penalty != 1.0:
+    seen_BxV = seen_BxV.at[jnp.arange(B), tok_B].set(True, mode='drop')
+  done_B = s.done_B | (s.step + 1 >= s.budget_B)
+  if eot_id is not None:
+    done_B = done_B | (tok_B == eot_id)
+  return s._replace(cache=cache, last_B=jnp.where(active_B, tok_B, s.last_B),
+                    done_B=done_B, seen_BxV=seen_BxV, step=s.step + 1,
+                    tokens_BxN=jax.lax.dynamic_update_slice(
+                        s.tokens_BxN, tok_B[:, None], (0, s.step)))
+
+
+def decode(params, state: DecodeState, until, *, model, sp, eot_id, cache_len):
+  """Steps until `state.step == until` or every row is done."""
+  step = functools.partial(_decode_step, params, model=model, sp=sp, eot_id=eot_id,
+                           cache_len=cache_len)
+  return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done_B), step, state)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(model_config, sp, eot_id, cache_len, max_new_tokens, rules=()):
+  """jit'd prefill and decode for one static setting (jit caches shapes itself).
+
+  `rules` is only a cache key: flax's logical-axis rules shape the trace but are not
+  part of jit's own cache key.
+  """
+  model = model_lib.GPT2(model_config)
+  pre = jax.jit(functools.partial(prefill, model=model, cache_len=cache_len,
+                                  max_new_tokens=max_new_tokens,
+                                  track_seen=sp.repetition_penalty != 1.0))
+  dec = jax.jit(functools.partial(decode, model=model, sp=sp, eot_id=eot_id,
+                                  cache_len=cache_len), donate_argnums=1)
+  return pre, dec
+
+
+@jax.jit
+def _take_rows(state: DecodeState, rows_B):
+  """Gathers the rows of a state (to shrink a batch whose other rows are done)."""
+  step = state.step
+  state = jax.tree_util.tree_map(lambda x: x[rows_B], state._replace(step=None))
+  return state._replace(step=step)
+
+
+# --- The host side: prompts, batches, stop strings, compaction, progress.
+
+def default_mesh() -> jax.sharding.Mesh:
+  """Every device on the 'data' axis (collab.parallel's mesh): sampling is data parallel."""
+  return parallel.make_mesh(ml_collections.ConfigDict({'mesh': {'data': -1}}))
+
+
+def shard_rows(mesh, tree, rules=()):
+  """Splits every leaf's rows over the mesh like a training batch; scalars replicated."""
+  rows = parallel.batch_sharding(mesh, rules)
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(x, rows if np.ndim(x) else whole), tree)
+
+
+def place_params(params, mesh):
+  """Unboxed params on `mesh`: kept where already placed there, else replicated."""
+  params = nn.meta.unbox(params)
+  leaves = jax.tree_util.tree_leaves(params)
+  if all(isinstance(getattr(x, 'sharding', None), jax.sharding.NamedSharding)
+         and x.sharding.mesh == mesh for x in leaves):
+    return params
+  return jax.device_put(params, jax.sharding.NamedSharding(mesh,
+                                                           jax.sharding.PartitionSpec()))
+
+
+def _bucket(n: int, cap: int) -> int:
+  return min(cap, -(-n // _BUCKET) * _BUCKET)
+
+
+def fit_prompts(prompts_tokens, max_len: int, vocab_size: int) -> list:
+  """Checks prompts; keeps the last max_len - 1 tokens of longer ones (logged)."""
+  fitted, truncated = [], 0
+  for i, prompt in enumerate(prompts_tokens):
+    p = np.asarray(prompt, np.int64).reshape(-1)
+    if p.size == 0:
+      raise ValueError(f'prompt {i} is empty; a row needs at least one token to condition '
+                       'on (start prompts with the end-of-text token).')
+    if p.min() < 0 or p.max() >= vocab_size:
+      raise ValueError(f'prompt {i} has token ids outside [0, {vocab_size}): was it encoded '
+                       "with this model's tokenizer?")
+    if p.size > max_len - 1:
+      p, truncated = p[p.size - (max_len - 1):], truncated + 1
+    fitted.append(p.astype(np.int32))
+  if truncated:
+    logging.warning('Left-truncated %d of %d prompts to the last %d tokens (model max_len '
+                    '%d leaves room for at least one new token).', truncated,
+                    len(fitted), max_len - 1, max_len)
+  return fitted
+
+
+def _decode(tokenizer, tokens) -> str:
+  return tokenizer.decode(list(tokens), clean_up_tokenization_spaces=False)
+
+
+class _Options(NamedTuple):
+  """The choices of one `generate` call."""
+  model_config: Any
+  sp: SamplingParams
+  max_new_tokens: int
+  eot_id: Optional[int]
+  stop_strings: tuple
+  tokenizer: Any
+  chunk_size: int
+  compact: bool
+  mesh: jax.sharding.Mesh
+  rules: tuple
+
+
+def _start_batch(params, prompts, rows, key, width, opts: _Options):
+  """Prefills one batch of rows (padded to `width` slots); returns (state, decode fn)."""
+  max_len = opts.model_config.max_len
+  lens = [len(prompts[r]) for r in rows]
+  S = _bucket(max(lens), max_len)
+  cache_len = _bucket(max(lens) + opts.max_new_tokens - 1, max_len)
+  prompts_BxS = np.zeros((width, S), np.int32)
+  lengths_B, budget_B = np.ones(width, np.int32), np.ones(width, np.int32)
+  done_B, ids_B = np.ones(width, bool), np.zeros(width, np.int32)
+  for slot, r in enumerate(rows):
+    prompts_BxS[slot, :lens[slot]] = prompts[r]
+    lengths_B[slot] = lens[slot]
+    budget_B[slot] = min(opts.max_new_tokens, max_len - lens[slot])
+    done_B[slot], ids_B[slot] = False, r
+  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids_B))
+  pre, dec = _compiled(opts.model_config, opts.sp, opts.eot_id, cache_len,
+                       opts.max_new_tokens, opts.rules)
+  args = shard_rows(opts.mesh, (prompts_BxS, lengths_B, budget_B, keys_B, done_B),
+                    opts.rules)
+  return pre(params, *args), dec
+
+
+def _finish_row(tokens_N, opts: _Options, cut: Optional[int]) -> list:
+  """A row's new tokens: up to its end-of-text (excluded) or its stop-string cut."""
+  out = [int(t) for t in tokens_N if t != PAD]
+  if cut is not None:
+    out = out[:cut]
+  if opts.eot_id is not None and opts.eot_id in out:
+    out = out[:out.index(opts.eot_id)]
+  return out
+
+
+def _check_stops(tokens_BxN, was_active_B, checked_B, opts: _Options) -> dict:
+  """{slot: n} for rows whose new text has a stop string; n: the shortest such prefix."""
+  def has_stop(row):
+    text = _decode(opts.tokenizer, row)
+    return any(s in text for s in opts.stop_strings)
+  cuts = {}
+  for slot in np.flatnonzero(was_active_B):
+    row = _finish_row(tokens_BxN[slot], opts, None)
+    if has_stop(row):  # Earlier prefixes were checked after earlier chunks.
+      cuts[slot] = next((n for n in range(checked_B[slot] + 1, len(row))
+                         if has_stop(row[:n])), len(row))
+    checked_B[slot] = len(row)
+  return cuts
+
+
+def _shrunk_width(num_active: int, width: int, devices: int) -> int:
+  """The smallest halving of `width` that holds the active rows and splits over devices."""
+  while width // 2 >= max(num_active, 1) and (width // 2) % devices == 0:
+    width //= 2
+  return width
+
+
+def _run_batch(params, prompts, rows, key, width, opts: _Options, on_row):
+  """Decodes one batch in chunks until every row is done; calls on_row(row, tokens)."""
+  state, dec = _start_batch(params, prompts, rows, key, width, opts)
+  shards = parallel.data_parallel_size(parallel.batch_sharding(opts.mesh, opts.rules))
+  slot_rows = np.full(width, -1)
+  slot_rows[:len(rows)] = rows
+  pending_B = slot_rows >= 0  # Not yet handed to on_row.
+  checked_B = np.zeros(width, np.int64)
+  while pending_B.any():
+    was_active_B = ~np.asarray(state.done_B)
+    until = min(int(state.step) + opts.chunk_size, opts.max_new_tokens)
+    state = dec(params, state, jnp.int32(until))
+    tokens_BxN, done_B = np.asarray(state.tokens_BxN), np.array(state.done_B)
+    cuts = (_check_stops(tokens_BxN, was_active_B, checked_B, opts)
+            if opts.stop_strings else {})
+    if cuts:
+      done_B[list(cuts)] = True
+      state = state._replace(done_B=shard_rows(opts.mesh, done_B, opts.rules))
+    for slot in np.flatnonzero(done_B & pending_B):
+      on_row(slot_rows[slot], _finish_row(tokens_BxN[slot], opts, cuts.get(slot)))
+      pending_B[slot] = False
+    num_active = int((~done_B).sum())
+    new_width = _shrunk_width(num_active, len(done_B), shards)
+    if opts.compact and pending_B.any() and new_width < len(done_B):
+      keep = np.concatenate([np.flatnonzero(~done_B), np.flatnonzero(done_B)])[:new_width]
+      state = shard_rows(opts.mesh, _take_rows(state, jnp.asarray(keep)), opts.rules)
+      slot_rows, pending_B, checked_B = slot_rows[keep], pending_B[keep], checked_B[keep]
+
+
+def generate(params, model_config, prompts_tokens: Sequence[Sequence[int]], *, key,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, repetition_penalty: float = 1.0,
+             eot_id: Optional[int] = None, stop_strings: Sequence[str] = (),
+             tokenizer=None, batch_size: int = 32, chunk_size: int = 32,
+             compact: bool = True, mesh: Optional[jax.sharding.Mesh] = None,
+             rules: Sequence = (), progress: bool = True) -> list:
+  """New tokens for each prompt, cut before end-of-text or after a stop string.
+
+  Row i of the result continues prompts_tokens[i] and is drawn with fold_in(key, i), so
+  it does not depend on `batch_size`, `chunk_size`, `compact` or the mesh. A row cut at
+  a stop string keeps the token that completed it (the text API cuts the text itself).
+  `stop_strings` need `tokenizer` (anything with `decode(ids)`). Rows are split over the
+  mesh like a training batch (`collab.parallel.batch_sharding(mesh, rules)`; default:
+  every device on 'data'); params already on `mesh` stay as placed, others are replicated.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+  if stop_strings and tokenizer is None:
+    raise ValueError('stop_strings need a tokenizer to decode the generated text.')
+  if batch_size < 1 or chunk_size < 1:
+    raise ValueError(f'batch_size and chunk_size must be >= 1, got {batch_size}, '
+                     f'{chunk_size}.')
+  mesh = default_mesh() if mesh is None else mesh
+  if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+    raise ValueError('generate reads every row back on this host, so its mesh must hold '
+                     'local devices only: in a multi-host job, call it on each host with '
+                     'its share of the prompts and make_mesh(cfg, jax.local_devices()).')
+  opts = _Options(model_config, SamplingParams(float(temperature), int(top_k),
+                                               float(top_p), float(repetition_penalty)),
+                  int(max_new_tokens), None if eot_id is None else int(eot_id),
+                  tuple(stop_strings), tokenizer, int(chunk_size), bool(compact), mesh,
+                  tuple(tuple(r) for r in rules))
+  prompts = fit_prompts(prompts_tokens, model_config.max_len, model_config.vocab_size)
+  shards = parallel.data_parallel_size(parallel.batch_sharding(mesh, opts.rules))
+  width = -(-min(batch_size, max(len(prompts), 1)) // shards) * shards
+  params = place_params(params, mesh)
+  # Similar lengths share a batch: less padding in the prefill and a shorter cache.
+  order = sorted(range(len(prompts)), key=lambda r: len(prompts[r]))
+  results = [None] * len(prompts)
+  start, new_tokens = time.perf_counter(), 0
+  with tqdm.tqdm(total=len(prompts), unit='seq', desc='sampling',
+                 disable=not progress) as bar:
+    def on_row(row, tokens):
+      nonlocal new_tokens
+      results[row], new_tokens = tokens, new_tokens + len(tokens)
+      bar.update(1)
+      bar.set_postfix(tok_s=f'{new_tokens / (time.perf_counter() - start):.0f}')
+    # Tracing inside the mesh and rules contexts lets the model's constraints apply.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(opts.rules):
+      for first in range(0, len(prompts), width):
+        _run_batch(params, prompts, order[first:first + width], key, width, opts, on_row)
+  logging.info('Sampled %d sequences, %d new tokens in %.1fs.', len(prompts), new_tokens,
+               time.perf_counter() - start)
+  return results
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+  """The text before the earliest occurrence of any stop string."""
+  cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+  return text[:cut]
+
+
+def generate_text(params, model_config, tokenizer, prompts: Sequence[str],
+                  num_samples: int = 1, *, key, max_new_tokens: int,
+                  stop_strings: Sequence[str] = (), eot_id: Optional[int] = None,
+                  **kwargs) -> list:
+  """num_samples completions per prompt, each cut at its earliest stop string.
+
+  Sample j of prompt i is request row i * num_samples + j (see `generate`). Prompts are
+  encoded as they are (write '<|endoftext|>' in them to condition on it); `eot_id`
+  defaults to the tokenizer's end-of-text id. kwargs go to `generate`.
+  """
+  if num_samples < 1:
+    raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
+  encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+  rows = [ids for ids in encoded for _ in range(num_samples)]
+  if eot_id is None:  # collab's tokenizers make "<|endoftext|>" their eos token.
+    eot_id = getattr(tokenizer, 'eos_token_id', None)
+  new = generate(params, model_config, rows, key=key, max_new_tokens=max_new_tokens,
+                 eot_id=eot_id, stop_strings=stop_strings, tokenizer=tokenizer, **kwargs)
+  texts = [cut_at_stop(_decode(tokenizer, ids), stop_strings) for ids in new]
+  return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
