@@ -10,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from collab.data import build
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/X.py[:arg]).',
                                           lock_config=True)
@@ -26,10 +27,7 @@ def main(argv):
   data_dir = _DATA_DIR.value or cfg.data.data_dir
   if not data_dir:
     sys.exit('build_data: error: give --data_dir=DIR (or set config.data.data_dir).')
-  try:
-    card = build.build_data(cfg.data, data_dir)
-  except (ValueError, FileNotFoundError) as e:  # Bad input: a message, not a traceback.
-    sys.exit(f'build_data: error: {e}')
+  card = common.run_or_exit('build_data', lambda: build.build_data(cfg.data, data_dir))
   print(build.format_card(card))
   print(f'\nData folder: {data_dir}')
 

@@ -6,3 +6,66 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+import pytest  # noqa: E402  (after the environment above is set)
+
+TINY_PARTICIPANTS = ('alpha', 'beta', 'gamma')
+
+
+def write_tiny_corpus(root: str, org: str, files: int = 40) -> str:
+  """A dir: source of small Python files, distinct per organization, in 4 repositories."""
+  for i in range(files):
+    path = os.path.join(root, org, f'{org}_repo{i % 4}', f'mod{i}.py')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(
+          f'def {org}_compute_{i}(left, right):\n'
+          f'    """Combines {org} values number {i}."""\n'
+          f'    total = left + right * {i}\n'
+          f'    for step in range({i % 5 + 2}):\n'
+          f'        total = total - step * {i % 3}\n'
+          f'    result = total == {i * 7}\n'
+          f'    return result\n\n\n'
+          f'class {org.title()}Thing{i}:\n'
+          f'    size = {i}\n'
+          f'    name = "{org}_{i}"\n')
+  return os.path.join(root, org)
+
+
+def tiny_data_config(root: str, names=TINY_PARTICIPANTS, seq_len: int = 32):
+  from configs import common
+  participants = [common.participant(n, (f'dir:{write_tiny_corpus(root, n)}',))
+                  for n in names]
+  c = common.data_config(participants, seq_len=seq_len)
+  c.tokenizer.vocab_size = 300
+  return c
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> str:
+  """A built data folder: three tiny participants, 300-token BPE, 32-token blocks."""
+  from collab.data import build
+  root = str(tmp_path_factory.mktemp('tiny_corpora'))
+  data_dir = os.path.join(str(tmp_path_factory.mktemp('tiny_data')), 'data')
+  build.build_data(tiny_data_config(root), data_dir, progress=False)
+  return data_dir
+
+
+def tiny_run_config(data_dir: str, **train):
+  """A run config for the tiny data: 2-layer d=32 GPT-2, AdamW, a dozen steps."""
+  from configs import common
+  c = common.base_config('tiny')
+  c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 2, 32
+  c.model.d_ff, c.model.max_len, c.model.dropout = 64, 32, 0.0
+  # The data is built already: a run reads only the participants' names from here.
+  c.data = common.data_config([common.participant(n, ('dir:built',)) for n in TINY_PARTICIPANTS],
+                              seq_len=32)
+  c.data.tokenizer.vocab_size = 300
+  c.data.data_dir = data_dir
+  c.train.batch_size, c.train.steps, c.train.warmup_steps = 8, 12, 2
+  c.train.learning_rate, c.train.log_every, c.train.checkpoint_every = 3e-3, 4, 4
+  c.train.eval_batch_size = 16
+  for k, v in train.items():
+    setattr(c.train, k, v)
+  return c

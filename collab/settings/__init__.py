@@ -1,0 +1,1 @@
+"""Training settings: single, centralized, federated, incremental."""

@@ -1,0 +1,214 @@
+"""What every setting's run shares: config checks, data, model, engine and outputs.
+
+A setting (centralized, federated, incremental) is a loop over these pieces; none of
+them knows which setting it serves. The engine hides the parallel mode: the pjit path
+(default) keeps a sharded state; the pmap path keeps a replicated one.
+"""
+
+import functools
+import math
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from collab import checkpoint
+from collab import hf
+from collab import io
+from collab import parallel
+from collab import steps
+from collab.data import blocks as blocks_lib
+from collab.model import GPT2, ModelConfig
+
+PyTree = Any
+SETTINGS = ('single', 'centralized', 'federated', 'incremental')
+
+
+class RunData(NamedTuple):
+  """Blocks of a run: training (the participants it trains on) and validation (all)."""
+  data_dir: str
+  manifest: dict
+  train: dict  # participant -> blocks_NxL (memory-mapped)
+  valid: dict  # participant -> blocks_NxL, every participant of the data folder
+
+
+class Engine(NamedTuple):
+  """The parallel mode behind four calls; states in and out are in the mode's layout."""
+  abstract_state: PyTree  # Host layout, ShapeDtypeStructs with shardings (for restore).
+  init: Callable[[], PyTree]  # Fresh state, host layout.
+  to_device: Callable[[PyTree], PyTree]  # Host layout -> the mode's layout.
+  to_host: Callable[[PyTree], PyTree]  # The mode's layout -> host layout (save, eval).
+  step: Callable  # (state, tokens_BxL numpy, rng) -> (state, metrics)
+
+
+def data_dir_of(config, workdir: str) -> str:
+  """config.data.data_dir, or WORKDIR/data when it is empty."""
+  return config.data.data_dir or os.path.join(workdir, 'data')
+
+
+def participant_names(config) -> list:
+  return [p.name for p in config.data.participants]
+
+
+def check_config(config) -> None:
+  """Errors a run would otherwise hit late, with what to change."""
+  if config.setting not in SETTINGS:
+    raise ValueError(f'Unknown setting {config.setting!r}; use one of {SETTINGS} '
+                     '(--config.setting=...).')
+  names = participant_names(config)
+  if config.setting == 'single' and config.single not in names:
+    raise ValueError(f'setting=single needs --config.single=NAME with NAME one of {names}; '
+                     f'got {config.single!r}.')
+  if config.data.seq_len > config.model.max_len:
+    raise ValueError(f'config.data.seq_len={config.data.seq_len} is longer than the model\'s '
+                     f'{config.model.max_len} positions (config.model.max_len); lower seq_len '
+                     'or raise max_len.')
+  if config.parallel.mode not in ('pjit', 'pmap'):
+    raise ValueError(f"Unknown config.parallel.mode {config.parallel.mode!r}; use 'pjit' or "
+                     "'pmap'.")
+
+
+def load_data(config, workdir: str, train_on: Sequence[str]) -> RunData:
+  """Memory-maps the blocks; fails clearly when the data folder was never built."""
+  data_dir = data_dir_of(config, workdir)
+  manifest = blocks_lib.load_manifest(data_dir)
+  if manifest['seq_len'] != config.data.seq_len:
+    raise ValueError(f'{data_dir!r} was built with seq_len {manifest["seq_len"]} but the '
+                     f'config asks for {config.data.seq_len}; rebuild the data or fix '
+                     'config.data.seq_len.')
+  if manifest['seq_len'] > config.model.max_len:
+    raise ValueError(f'Blocks of {manifest["seq_len"]} tokens in {data_dir!r} are longer than '
+                     f'the model\'s {config.model.max_len} positions.')
+  unknown = [p for p in train_on if p not in manifest['participants']]
+  if unknown:
+    raise ValueError(f'Participants {unknown} are not in {data_dir!r} (it has '
+                     f'{manifest["participants"]}); rebuild the data with them.')
+  train = {p: blocks_lib.load_blocks(data_dir, p, 'train') for p in train_on}
+  valid = {p: blocks_lib.load_blocks(data_dir, p, 'valid') for p in manifest['participants']}
+  return RunData(data_dir, manifest, train, valid)
+
+
+def make_model(config, manifest: dict) -> tuple:
+  """(GPT2 module, ModelConfig) with the vocabulary of the data's tokenizer."""
+  model_config = ModelConfig.from_config(config.model, manifest['vocab_size'])
+  if model_config.vocab_size < manifest['vocab_size']:
+    raise ValueError(f'config.model.vocab_size={model_config.vocab_size} is smaller than the '
+                     f'tokenizer\'s {manifest["vocab_size"]}; set it to 0 (from tokenizer).')
+  return GPT2(model_config), model_config
+
+
+def seeds(seed: int) -> tuple:
+  """One seed split once: (init key, data seed for numpy iterators, train key)."""
+  init_key, data_key, train_key = jax.random.split(jax.random.key(seed), 3)
+  data_seed = int(jax.random.randint(data_key, (), 0, np.iinfo(np.int32).max))
+  return init_key, data_seed, train_key
+
+
+def budget_steps(budget_tokens: int, tokens_per_step: int) -> int:
+  """Whole steps of `tokens_per_step` that fit a token budget (at least one)."""
+  if tokens_per_step <= 0:
+    raise ValueError(f'tokens_per_step must be positive, got {tokens_per_step}.')
+  return max(1, int(budget_tokens) // int(tokens_per_step))
+
+
+def total_steps(train_cfg, num_blocks: int, seq_len: int = 0) -> int:
+  """Steps of the run: a token budget, else config.train.steps, else ceil(epochs * batches).
+
+  config.train.budget_tokens > 0 (matched budgets) needs `seq_len`: a step trains on
+  batch_size * (seq_len - 1) predicted tokens.
+  """
+  budget = int(train_cfg.get('budget_tokens', 0))
+  if budget > 0:
+    if seq_len < 2:
+      raise ValueError('config.train.budget_tokens needs the block length: pass seq_len to '
+                       'run.total_steps.')
+    return budget_steps(budget, train_cfg.batch_size * (seq_len - 1))
+  if train_cfg.steps > 0:
+    return int(train_cfg.steps)
+  per_epoch = num_blocks // train_cfg.batch_size
+  if per_epoch == 0:
+    raise ValueError(f'{num_blocks} training blocks do not fill one batch of '
+                     f'{train_cfg.batch_size}; lower config.train.batch_size or add data.')
+  return max(1, math.ceil(train_cfg.epochs * per_epoch))
+
+
+def make_engine(config, model, optimizer, init_key) -> Engine:
+  """The pjit (sharded) or pmap (replicated) engine for one model and optimizer."""
+  init_fn = functools.partial(steps.init_state, model=model, optimizer=optimizer,
+                              seq_len=config.data.seq_len, boxed=True)
+  step_fn = functools.partial(steps.train_step, model=model, optimizer=optimizer)
+  if config.parallel.mode == 'pmap':
+    return _pmap_engine(init_fn, step_fn, init_key)
+  mesh = parallel.make_mesh(config.parallel)
+  rules = tuple(config.parallel.rules)
+  abstract = parallel.abstract_state(init_fn, mesh, rules, init_key)
+  jitted = parallel.jit_train_step(step_fn, parallel.shardings_of(abstract), mesh, rules)
+  parallel.check_batch_divisible(config.train.batch_size,
+                                 parallel.data_parallel_size(parallel.batch_sharding(mesh, rules)))
+  share = _process_share(config.train.batch_size)
+
+  def step(state, tokens_BxL, rng):
+    return jitted(state, parallel.shard_batch(mesh, {'tokens': tokens_BxL[share]}, rules), rng)
+  return Engine(abstract, lambda: parallel.sharded_init(init_fn, mesh, rules, init_key),
+                lambda s: s, lambda s: s, step)
+
+
+def _process_share(global_batch: int) -> slice:
+  """This process's rows of every global batch (all rows with one process)."""
+  n, i = jax.process_count(), jax.process_index()
+  parallel.check_batch_divisible(global_batch, n, what='global batch over processes')
+  rows = global_batch // n
+  return slice(i * rows, (i + 1) * rows)
+
+
+def _pmap_engine(init_fn, step_fn, init_key) -> Engine:
+  device = jax.local_devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  init = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=sharding)
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      jax.eval_shape(lambda k: nn.meta.unbox(init_fn(k)), init_key))
+  pstep = parallel.pmap_train_step(step_fn)
+
+  def step(state, tokens_BxL, rng):
+    state, metrics = pstep(state, parallel.split_batch({'tokens': tokens_BxL}), rng)
+    return state, parallel.unreplicate(metrics)
+  return Engine(abstract, lambda: init(init_key), parallel.replicate,
+                lambda s: jax.device_get(parallel.unreplicate(s)), step)
+
+
+def restore_or_init(engine: Engine, manager, init_from: str) -> tuple:
+  """(state in the engine's layout, extra, source) as checkpoint.restore_or_init says."""
+  state, extra, source = checkpoint.restore_or_init(
+      manager, engine.abstract_state, engine.init, init_from or None,
+      import_params=lambda folder: hf.import_hf(folder)[0])
+  return engine.to_device(state), extra, source
+
+
+def write_config(workdir: str, config) -> None:
+  """The resolved config, as JSON, beside the run's outputs."""
+  io.atomic_write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(
+      indent=2, sort_keys=True) + '\n')
+
+
+FINAL_DIR = 'final'  # The final model, as a Hugging Face GPT-2 folder.
+TRAIN_JSON = 'train.json'  # Written last: its presence means the run finished.
+
+
+def finish(workdir: str, params: PyTree, model_config: ModelConfig, eot_id: int,
+           summary: dict) -> dict:
+  """Exports the final model to WORKDIR/final, then writes train.json (in that order).
+
+  Every setting ends here, so evaluation reads one format whatever trained the model,
+  and the model is usable from transformers as it is.
+  """
+  hf.export_hf(jax.device_get(params), model_config, os.path.join(workdir, FINAL_DIR),
+               bos_token_id=eot_id, eos_token_id=eot_id)
+  io.atomic_write_json(os.path.join(workdir, TRAIN_JSON), summary)
+  return summary
+
+
+def is_done(workdir: str) -> bool:
+  return os.path.isfile(os.path.join(workdir, TRAIN_JSON))
