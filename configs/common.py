@@ -154,6 +154,7 @@ def incremental_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.order = ''  # Comma-separated participant names; '' means the configured order.
   c.all_orders = False  # Every permutation of the participants (the study does this).
+  c.stages_dir = ''  # Where stages live; '' means WORKDIR/stages. Studies share one.
   return c
 
 
@@ -186,6 +187,20 @@ def eval_config() -> ml_collections.ConfigDict:
   c.memorization.min_lines = 6  # Clone threshold in normalized lines (Simian: 6).
   c.memorization.clone_type = 1  # 1: whitespace ignored; 2: identifiers/literals abstracted.
   c.memorization.unprompted_samples = 0  # Extraction protocol samples (top-k 40, T 1.0); 0: off.
+  c.memorization.unprompted_top_k = 40  # Extraction protocol: top-k sampling (no stop strings).
+  c.memorization.unprompted_temperature = 1.0  # Extraction protocol temperature.
+  return c
+
+
+def study_config() -> ml_collections.ConfigDict:
+  """Which runs a study holds (launch.study); each run is one setting of this config."""
+  c = ml_collections.ConfigDict()
+  c.settings = ('single', 'centralized', 'federated', 'incremental')  # Settings to run.
+  c.server_optimizers = ('fedavg', 'fedyogi')  # One federated run per server optimizer.
+  c.all_orders = True  # Incremental: every order of the participants (else the given one).
+  c.seeds = (1,)  # Repeat every run per seed; tables show mean ± sd over seeds.
+  c.crossorg = True  # Cross-organization clone analysis of the participants' data.
+  c.figures = True  # Write figures/ (matplotlib) beside tables/.
   return c
 
 
@@ -202,4 +217,5 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
   c.federated = federated_config()
   c.incremental = incremental_config()
   c.eval = eval_config()
+  c.study = study_config()
   return c

@@ -14,19 +14,19 @@ Everything per byte, line and window is numpy; Python loops run per batch of fil
 per reported span and per reference only.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import keyword
 import os
 import re
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 from absl import logging
 from tqdm import tqdm
+
+from collab import io
 
 # Lines dropped as trivial: they carry no code of their own and would let clone runs
 # bridge unrelated code. Punctuation-only lines (only `()[]{},:;`, e.g. `)`, `]),`, `):`)
@@ -202,21 +202,6 @@ def _index_batch(texts, first_doc: int, min_lines: int, clone_type: int):
           line_L[last].astype(np.int32))
 
 
-def _atomic_savez(path: str, **arrays) -> None:
-  """np.savez to a temporary sibling, renamed onto `path` only when complete."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-
-
 @dataclasses.dataclass(eq=False)
 class CloneIndex:
   """One participant's windows: sorted distinct hashes, document frequency, provenance.
@@ -315,7 +300,8 @@ class CloneIndex:
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     meta = {k: fields.pop(k) for k in ('participant', 'min_lines', 'clone_type')}
     meta['version'] = _FORMAT_VERSION
-    _atomic_savez(path, meta=np.array([json.dumps(meta)]), **fields)
+    io.atomic_write(path, lambda f: np.savez(f, meta=np.array([json.dumps(meta)]), **fields),
+                    binary=True)
 
   @classmethod
   def load(cls, path: str) -> 'CloneIndex':

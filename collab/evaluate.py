@@ -1,0 +1,144 @@
+"""Evaluates a finished run into WORKDIR/results.json: perplexity, pass@k, memorization.
+
+Every setting ends by exporting its final model to WORKDIR/final (a Hugging Face GPT-2
+folder, see collab.settings.run.finish), so evaluation is the same for all of them.
+Each part is written to its own file as it finishes (passk/passk.json, memorization/...)
+and skipped when present, so an interrupted evaluation resumes where it stopped.
+"""
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from collab import hf
+from collab import io
+from collab.data import blocks as blocks_lib
+from collab.data import tokenizer as tokenizer_lib
+from collab.evals import memorization
+from collab.evals import passk
+from collab.evals import sampling
+from collab.evals import stats
+from collab.settings import run
+
+RESULTS_JSON = 'results.json'
+TRAIN_JSON = 'train.json'
+FINAL_DIR = 'final'
+
+
+class NotTrainedError(FileNotFoundError):
+  """The run has no finished training to evaluate."""
+
+
+def load_final(workdir: str) -> tuple:
+  """(params, ModelConfig, train summary) of a finished run."""
+  summary_path = os.path.join(workdir, TRAIN_JSON)
+  final = os.path.join(workdir, FINAL_DIR)
+  if not (os.path.isfile(summary_path) and os.path.isdir(final)):
+    raise NotTrainedError(f'{workdir!r} has no finished training ({TRAIN_JSON} and '
+                          f'{FINAL_DIR}/); train it first with python -m launch.train.')
+  params, model_config = hf.import_hf(final)
+  return jax.tree_util.tree_map(np.asarray, params), model_config, io.read_json(summary_path)
+
+
+def generate_fn(config, params, model_config, tokenizer, key, sampling_cfg):
+  """passk.GenerateFn over our compiled sampler (temperature/top-p from `sampling_cfg`)."""
+  def fn(prompts, num_samples):
+    return sampling.generate_text(
+        params, model_config, tokenizer, prompts, num_samples, key=key,
+        max_new_tokens=int(sampling_cfg.max_new_tokens),
+        stop_strings=tuple(config.eval.stop_strings),
+        temperature=float(sampling_cfg.temperature), top_p=float(sampling_cfg.top_p),
+        batch_size=int(config.eval.batch_size))
+  return fn
+
+
+def evaluate_passk(config, workdir: str, params, model_config, tokenizer) -> dict | None:
+  """pass@k on HumanEval with n samples per problem; cached in WORKDIR/passk/."""
+  cfg = config.eval.passk
+  if not cfg.enabled:
+    return None
+  out_dir = os.path.join(workdir, 'passk')
+  cached = os.path.join(out_dir, 'result.json')
+  if os.path.isfile(cached):
+    return io.read_json(cached)
+  problems = passk.load_problems(int(cfg.num_problems))
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  ks = [k for k in cfg.ks if k <= cfg.n]
+  evaluation = passk.run(
+      generate_fn(config, params, model_config, tokenizer, key, cfg), problems, int(cfg.n),
+      ks=ks, stop_strings=tuple(config.eval.stop_strings), timeout=float(cfg.timeout),
+      workers=int(cfg.workers) or None, allow_weak=bool(cfg.allow_weak_sandbox),
+      limits=passk.sandbox_limits(cfg), out_dir=out_dir)
+  counts = {}
+  for row in evaluation.rows:
+    n, c = counts.get(row['task_id'], (0, 0))
+    counts[row['task_id']] = (n + 1, c + int(row['passed']))
+  result = {'pass_at_k': {k: v for k, v in evaluation.scores.items() if k.startswith('pass@')},
+            'ci95': stats.passk_bootstrap(counts, ks, seed=config.seed),
+            'n': int(cfg.n), 'num_problems': len(problems)}
+  io.atomic_write_json(cached, result)
+  return result
+
+
+def evaluate_memorization(config, workdir: str, params, model_config,
+                          tokenizer) -> dict | None:
+  """Memorization audit of every participant; cached in WORKDIR/memorization/.
+
+  Writes WORKDIR/samples/memorization.jsonl (every sample with its prompt's provenance),
+  WORKDIR/memorization/memorized.jsonl (every memorized span with its provenance) and
+  WORKDIR/memorization/result.json (the block results.json holds).
+  """
+  cfg = config.eval.memorization
+  if not cfg.enabled:
+    return None
+  out_dir = os.path.join(workdir, 'memorization')
+  cached = os.path.join(out_dir, 'result.json')
+  if os.path.isfile(cached):
+    return io.read_json(cached)
+  data_dir = run.data_dir_of(config, workdir)
+  names = run.participant_names(config)
+  indexes = memorization.build_indexes(data_dir, names, int(cfg.min_lines),
+                                       int(cfg.clone_type))
+  complete = memorization.make_complete(params, model_config, tokenizer,
+                                        int(config.eval.batch_size))
+  samples, prompt_counts = memorization.load_or_generate(
+      cfg, workdir, data_dir, names, complete, tokenizer, seed=int(config.seed),
+      stop_strings=tuple(config.eval.stop_strings), max_len=model_config.max_len)
+  result, rows = memorization.audit(samples, indexes['train'], indexes['valid'],
+                                    seed=int(config.seed))
+  result['prompts'] = prompt_counts
+  result['settings'] = cfg.to_dict()
+  io.write_jsonl(os.path.join(out_dir, 'memorized.jsonl'), rows)
+  io.atomic_write_json(cached, result)
+  return result
+
+
+def evaluate_run(config, workdir: str) -> dict:
+  """Writes and returns WORKDIR/results.json for a finished run."""
+  start = time.time()
+  params, model_config, summary = load_final(workdir)
+  data_dir = run.data_dir_of(config, workdir)
+  blocks_lib.load_manifest(data_dir)  # A clear error when the data folder is gone.
+  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer'))
+  results = {
+      'run': os.path.basename(os.path.abspath(workdir)),
+      'setting': config.setting,
+      'participants': summary['participants'],
+      'order': summary.get('order'),
+      'server_optimizer': (config.federated.server_optimizer
+                           if config.setting == 'federated' else None),
+      'seed': config.seed,
+      'tokens_seen': summary['tokens_seen'],
+      'tokens_seen_per_participant': summary['tokens_seen_per_participant'],
+      'perplexity': {name: r['perplexity'] for name, r in summary['valid'].items()},
+      'forgetting': summary.get('forgetting'),  # Incremental: perplexity after each stage.
+      'passk': evaluate_passk(config, workdir, params, model_config, tokenizer),
+      'memorization': evaluate_memorization(config, workdir, params, model_config,
+                                            tokenizer),
+      'train_seconds': summary.get('train_seconds'),
+  }
+  results['evaluate_seconds'] = time.time() - start
+  io.atomic_write_json(os.path.join(workdir, RESULTS_JSON), results)
+  return results
