@@ -1,0 +1,228 @@
+r"""The study's tables, as Markdown and LaTeX, from results.json files only.
+
+  python -m analysis.tables --workdir=runs/default
+
+Reads WORKDIR/*/results.json (one per run) and WORKDIR/summary.json (the study-wide
+cross-organization analysis), writes WORKDIR/tables/{name}.md and {name}.tex, and prints
+the Markdown. Runs repeated over seeds (`name@seedN`) are shown as mean ± standard
+deviation. The same results give the same bytes.
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Study folder holding one folder per run.')
+
+SETTING_ORDER = ('single', 'centralized', 'federated', 'incremental')
+
+
+# ---- Reading ----------------------------------------------------------------------------
+
+def load_results(workdir: str) -> list:
+  """Every run's results.json under `workdir`, sorted by setting then name."""
+  runs = []
+  for name in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, name, 'results.json')
+    if os.path.isfile(path):
+      with open(path, encoding='utf-8') as f:
+        runs.append(json.load(f))
+  if not runs:
+    raise FileNotFoundError(f'No */results.json under {workdir!r}; run the study first '
+                            '(python -m launch.study --config=... --workdir=...).')
+  rank = {s: i for i, s in enumerate(SETTING_ORDER)}
+  return sorted(runs, key=lambda r: (rank.get(r['setting'], 99), r['run']))
+
+
+def load_summary(workdir: str) -> dict:
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def group_seeds(runs: Sequence[dict]) -> dict:
+  """Run name without its '@seedN' suffix -> the runs of that name (in seed order)."""
+  groups = {}
+  for r in runs:
+    groups.setdefault(r['run'].split('@')[0], []).append(r)
+  return groups
+
+
+# ---- Formatting -------------------------------------------------------------------------
+
+def fmt(values: Sequence, digits: int = 2, percent: bool = False) -> str:
+  """One value, or mean ± sd over seeds; '–' where missing."""
+  values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+  if not values:
+    return '–'
+  scale = 100.0 if percent else 1.0
+  mean = statistics.fmean(values) * scale
+  text = f'{mean:.{digits}f}'
+  if len(values) > 1:
+    text += f' ± {statistics.stdev(values) * scale:.{digits}f}'
+  return text
+
+
+def fmt_ci(value, ci, digits: int = 1) -> str:
+  """A percentage with its 95% interval: '12.5 [8.0, 17.0]'."""
+  if value is None:
+    return '–'
+  text = f'{100 * value:.{digits}f}'
+  if ci:
+    text += f' [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]'
+  return text
+
+
+def markdown(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = [f'### {title}', '', '| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return '\n'.join(lines) + '\n'
+
+
+def _tex_escape(s: str) -> str:
+  for a, b in (('\\', r'\textbackslash{}'), ('&', r'\&'), ('%', r'\%'), ('_', r'\_'),
+               ('#', r'\#'), ('±', r'$\pm$'), ('–', '--'), ('→', r'$\rightarrow$')):
+    s = s.replace(a, b)
+  return s
+
+
+def latex(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  cols = 'l' + 'r' * (len(header) - 1)
+  lines = [r'\begin{table}[t]', r'\centering', rf'\caption{{{_tex_escape(title)}}}',
+           rf'\begin{{tabular}}{{{cols}}}', r'\toprule',
+           ' & '.join(_tex_escape(h) for h in header) + r' \\', r'\midrule']
+  lines += [' & '.join(_tex_escape(c) for c in r) + r' \\' for r in rows]
+  lines += [r'\bottomrule', r'\end{tabular}', r'\end{table}']
+  return '\n'.join(lines) + '\n'
+
+
+# ---- Tables -----------------------------------------------------------------------------
+
+def _participants(runs: Sequence[dict]) -> list:
+  """Every participant any run evaluated, in first-seen order."""
+  seen = []
+  for r in runs:
+    for p in r.get('perplexity', {}):
+      if p != 'pooled' and p not in seen:
+        seen.append(p)
+  return seen
+
+
+def _ks(runs: Sequence[dict]) -> list:
+  ks = set()
+  for r in runs:
+    ks.update(int(k.split('@')[1]) for k in (r.get('passk') or {}).get('pass_at_k', {}))
+  return sorted(ks)
+
+
+def effectiveness(runs: Sequence[dict]) -> tuple:
+  """Perplexity per participant and pooled, and pass@k, for every run."""
+  parts, ks = _participants(runs), _ks(runs)
+  header = ['run', 'setting'] + [f'ppl {p}' for p in parts] + ['ppl pooled'] + [
+      f'pass@{k} (%)' for k in ks]
+  rows = []
+  for name, group in group_seeds(runs).items():
+    row = [name, group[0]['setting']]
+    row += [fmt([g['perplexity'].get(p) for g in group]) for p in parts + ['pooled']]
+    row += [fmt([((g.get('passk') or {}).get('pass_at_k') or {}).get(f'pass@{k}')
+                 for g in group], 1, percent=True) for k in ks]
+    rows.append(row)
+  return 'Effectiveness: validation perplexity and HumanEval pass@k', header, rows
+
+
+def _mem(run: dict, participant: str, key: str):
+  return ((run.get('memorization') or {}).get('participants', {}).get(participant) or {}).get(key)
+
+
+def memorization(runs: Sequence[dict]) -> tuple:
+  """Memorization ratio (95% CI), memorized lines and fingerprints, beside the null baseline."""
+  header = ['run', 'participant', 'samples', 'ratio % [95% CI]', 'memorized lines',
+            'fingerprints', 'exclusive', 'shared', 'null ratio %']
+  rows = []
+  for name, group in group_seeds(runs).items():
+    for p in _participants(group):
+      if _mem(group[0], p, 'samples') is None:
+        continue
+      ratio = (fmt_ci(_mem(group[0], p, 'ratio'), _mem(group[0], p, 'ratio_ci95'))
+               if len(group) == 1 else fmt([_mem(g, p, 'ratio') for g in group], 1, True))
+      rows.append([name, p, fmt([_mem(g, p, 'samples') for g in group], 0), ratio] + [
+          fmt([_mem(g, p, k) for g in group], 0)
+          for k in ('memorized_lines', 'fingerprints', 'exclusive_spans', 'shared_spans')] + [
+          fmt([_mem(g, p, 'null_ratio') for g in group], 1, percent=True)])
+  return 'Memorization per participant (clones of >= 6 lines in generated code)', header, rows
+
+
+def incremental(runs: Sequence[dict]) -> tuple:
+  """For each order: final perplexity and memorization ratio per participant."""
+  inc = [r for r in runs if r['setting'] == 'incremental']
+  parts = _participants(inc)
+  header = ['order'] + [f'ppl {p}' for p in parts] + [f'mem % {p}' for p in parts]
+  rows = []
+  for name, group in group_seeds(inc).items():
+    order = ' → '.join(group[0].get('order') or [])
+    rows.append([order or name] + [fmt([g['perplexity'].get(p) for g in group])
+                                   for p in parts] + [
+        fmt([_mem(g, p, 'ratio') for g in group], 1, True) for p in parts])
+  return 'Incremental training: final model of each order', header, rows
+
+
+def crossorg(runs: Sequence[dict], summary: dict) -> tuple:
+  """The containment matrix, then each run's share of memorized spans that cross orgs."""
+  co = summary.get('crossorg') or {}
+  parts = co.get('participants', [])
+  header = ['A \\ B (% of A\'s windows in B)'] + parts
+  rows = [[a] + [f'{100 * co["matrix"][i][j]:.1f}' for j in range(len(parts))]
+          for i, a in enumerate(parts)]
+  for name, group in group_seeds(runs).items():
+    shares = [(g.get('memorization') or {}).get('cross_org_share') for g in group]
+    if any(s is not None for s in shares):
+      rows.append([f'{name}: memorized spans that are cross-org clones (%)',
+                   fmt(shares, 1, percent=True)] + [''] * max(len(parts) - 1, 0))
+  return 'Cross-organization clones', header, rows
+
+
+def all_tables(runs: Sequence[dict], summary: dict) -> dict:
+  """name -> (title, header, rows), in the order they are printed."""
+  tables = {'effectiveness': effectiveness(runs), 'memorization': memorization(runs)}
+  if any(r['setting'] == 'incremental' for r in runs):
+    tables['incremental'] = incremental(runs)
+  if summary.get('crossorg'):
+    tables['crossorg'] = crossorg(runs, summary)
+  return tables
+
+
+def write_tables(workdir: str, out_dir: str | None = None) -> str:
+  """Writes tables/{name}.md and .tex atomically; returns the Markdown of all of them."""
+  from collab import io  # Atomic file writes only; analysis imports no training code.
+  out_dir = out_dir or os.path.join(workdir, 'tables')
+  tables = all_tables(load_results(workdir), load_summary(workdir))
+  text = []
+  for name, (title, header, rows) in tables.items():
+    md = markdown(title, header, rows)
+    io.atomic_write_text(os.path.join(out_dir, f'{name}.md'), md)
+    io.atomic_write_text(os.path.join(out_dir, f'{name}.tex'), latex(title, header, rows))
+    text.append(md)
+  return '\n'.join(text)
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value:
+    sys.exit('tables: error: give --workdir=STUDY_FOLDER')
+  try:
+    print(write_tables(_WORKDIR.value))
+  except FileNotFoundError as e:
+    sys.exit(f'tables: error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,128 @@
+"""A study: one config expanded into runs, run where missing, evaluated, summarized.
+
+A study folder holds `data/` (built once), one folder per run (`single-NAME`,
+`centralized`, `federated-OPT`, `incremental-A-B-C`, with `@seedN` when several seeds
+are asked for), `stages/` (incremental stages, shared by the orders that begin alike),
+`summary.json` and, from analysis, `tables/` and `figures/`. Every step skips what is
+already done, so a study interrupted anywhere resumes, and a finished one re-prints its
+tables in seconds.
+"""
+
+import itertools
+import os
+import platform
+import time
+from typing import NamedTuple
+
+from absl import logging
+from tqdm import auto as tqdm
+
+from collab import evaluate
+from collab import io
+from collab import train as train_lib
+from collab.data import build
+from collab.settings import run
+
+SUMMARY_JSON = 'summary.json'
+
+
+class RunSpec(NamedTuple):
+  """One run of a study: its folder name and the config fields it sets."""
+  name: str
+  overrides: dict  # Dotted config path -> value.
+
+
+def expand(config) -> list:
+  """The runs of a study config, in the order they run."""
+  names = run.participant_names(config)
+  study = config.study
+  unknown = [s for s in study.settings if s not in run.SETTINGS]
+  if unknown:
+    raise ValueError(f'config.study.settings has unknown settings {unknown}; use {run.SETTINGS}.')
+  specs = []
+  if 'single' in study.settings:
+    specs += [RunSpec(f'single-{p}', {'setting': 'single', 'single': p}) for p in names]
+  if 'centralized' in study.settings:
+    specs.append(RunSpec('centralized', {'setting': 'centralized'}))
+  if 'federated' in study.settings:
+    specs += [RunSpec(f'federated-{o}', {'setting': 'federated',
+                                         'federated.server_optimizer': o})
+              for o in study.server_optimizers]
+  if 'incremental' in study.settings:
+    orders = itertools.permutations(names) if study.all_orders else [tuple(names)]
+    specs += [RunSpec('incremental-' + '-'.join(o), {
+        'setting': 'incremental', 'incremental.order': ','.join(o),
+        'incremental.all_orders': False}) for o in orders]
+  if len(study.seeds) > 1:
+    specs = [RunSpec(f'{s.name}@seed{seed}', {**s.overrides, 'seed': seed})
+             for seed in study.seeds for s in specs]
+  return specs
+
+
+def run_config(config, spec: RunSpec, workdir: str):
+  """The config of one run: the study's, with the run's fields and shared folders set."""
+  cfg = config.copy_and_resolve_references()
+  cfg.unlock()
+  for path, value in spec.overrides.items():
+    node = cfg
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  cfg.data.data_dir = run.data_dir_of(config, workdir)
+  cfg.incremental.stages_dir = os.path.join(os.path.abspath(workdir), 'stages')
+  cfg.lock()
+  return cfg
+
+
+def run_one(cfg, folder: str) -> dict:
+  """Trains (or resumes) and evaluates one run; returns its results."""
+  if not run.is_done(folder):
+    train_lib.train(cfg, folder)
+  path = os.path.join(folder, evaluate.RESULTS_JSON)
+  if os.path.isfile(path):
+    return io.read_json(path)
+  return evaluate.evaluate_run(cfg, folder)
+
+
+def _crossorg(config, data_dir: str, workdir: str) -> dict | None:
+  """The participants' containment matrix and cross-org clones (once per data folder)."""
+  if not config.study.crossorg:
+    return None
+  from collab.evals import memorization  # Only studies that audit clones need it.
+  mem = config.eval.memorization
+  return memorization.crossorg_summary(data_dir, run.participant_names(config),
+                                       int(mem.min_lines), int(mem.clone_type))
+
+
+def run_study(config, workdir: str) -> dict:
+  """Builds the data, runs every missing run, and writes summary.json."""
+  start = time.time()
+  specs = expand(config)
+  data_dir = run.data_dir_of(config, workdir)
+  card = build.build_data(config.data, data_dir)
+  run.write_config(workdir, config)
+  results = {}
+  with tqdm.tqdm(specs, desc='study', unit='run', position=0, leave=True) as bar:
+    for spec in bar:
+      bar.set_postfix_str(spec.name)
+      folder = os.path.join(workdir, spec.name)
+      results[spec.name] = run_one(run_config(config, spec, workdir), folder)
+  summary = {
+      'runs': [s.name for s in specs],
+      'participants': run.participant_names(config),
+      'data': {p: {split: {k: card['participants'][p]['splits'][split].get(k) for k in (
+          'files', 'lines', 'tokens', 'blocks')} for split in ('train', 'valid')}
+          for p in run.participant_names(config)},
+      'crossorg': _crossorg(config, data_dir, workdir),
+      'machine': {'platform': platform.platform(), 'processor': platform.processor(),
+                  'cpus': os.cpu_count()},
+  }
+  previous = os.path.join(workdir, SUMMARY_JSON)
+  if os.path.isfile(previous):  # Keep the first completion's wall time: reruns are no-ops.
+    summary['wall_seconds'] = io.read_json(previous).get('wall_seconds')
+  else:
+    summary['wall_seconds'] = time.time() - start
+  io.atomic_write_json(previous, summary)
+  logging.info('Study %s: %d runs in %.0fs.', workdir, len(specs), time.time() - start)
+  return summary
