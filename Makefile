@@ -22,9 +22,11 @@ study: $(STAMP)
 	$(PY) -m launch.study --config=$(STUDY_CONFIG) --workdir=$(STUDY_WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
 
+# torch (a CPU build) runs the PyTorch peers of train_step and sampling; a no-op when there.
 bench: $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 -e '.[bench]'
 	$(PY) -m bench.run_all
 
 clean-venv:

@@ -62,6 +62,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, extra: dict,
   Returns whether a save started. `extra` must be JSON (numpy scalars are converted).
   """
   extra = json.loads(io.dumps(extra))  # Fails here, not in a background thread.
+  if not (force or manager.should_save(int(step))):
+    return False
+  # The background write must not read buffers that the next (donating) step reuses.
+  state = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
   return manager.save(int(step), force=force, args=ocp.args.Composite(**{
       STATE: ocp.args.StandardSave(state), EXTRA: ocp.args.JsonSave(extra)}))
 

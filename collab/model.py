@@ -24,7 +24,9 @@ ATTENTION = ('xla', 'cudnn')
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon.
 INIT_STD = 0.02  # GPT-2's initializer_range.
 
-Cache = list  # One {'k': k_BxTxHxK, 'v': v_BxTxHxK} dict per layer.
+# One {'k': k_BxHxTxK, 'v': v_BxHxTxK} dict per layer. Heads before slots: decoding then
+# reads each head's keys contiguously, and XLA needs no per-step transpose of the cache.
+Cache = list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,26 +101,28 @@ def _residual_std(config: ModelConfig) -> float:
   return INIT_STD / math.sqrt(2 * config.num_layers)
 
 
-def _write_cache(cache_BxTxHxK, new_BxLxHxK, positions_BxL):
+def _write_cache(cache_BxHxTxK, new_BxLxHxK, positions_BxL):
   """Each row writes its L entries at its own slots; slots past the cache are dropped."""
-  rows_Bx1 = jnp.arange(cache_BxTxHxK.shape[0])[:, None]
-  return cache_BxTxHxK.at[rows_Bx1, positions_BxL].set(
-      new_BxLxHxK.astype(cache_BxTxHxK.dtype), mode='drop')
+  rows_Bx1 = jnp.arange(cache_BxHxTxK.shape[0])[:, None]
+  # Advanced indices around a slice: the indexed view is [B, L, H, K], like the update.
+  return cache_BxHxTxK.at[rows_Bx1, :, positions_BxL].set(
+      new_BxLxHxK.astype(cache_BxHxTxK.dtype), mode='drop')
 
 
 class Attention(nn.Module):
   """Causal multi-head self-attention, optionally reading and writing a KV cache."""
   config: ModelConfig
 
-  def _attend(self, q_BxLxHxK, k_BxTxHxK, v_BxTxHxK, mask_Bx1xLxT, deterministic):
+  def _attend(self, q_BxLxHxK, k, v, mask_Bx1xLxT, deterministic, kv_axes='bthk'):
+    """Attention of q over keys/values laid out as `kv_axes` (t: key slots)."""
     cfg = self.config
-    scores_BxHxLxT = jnp.einsum('blhk,bthk->bhlt', q_BxLxHxK, k_BxTxHxK)
+    scores_BxHxLxT = jnp.einsum(f'blhk,{kv_axes}->bhlt', q_BxLxHxK, k)
     # Softmax in float32: bfloat16 logits lose the small differences that matter here.
     scores_BxHxLxT = scores_BxHxLxT.astype(jnp.float32) / math.sqrt(cfg.head_dim)
     scores_BxHxLxT = jnp.where(mask_Bx1xLxT, scores_BxHxLxT, jnp.finfo(jnp.float32).min)
     probs_BxHxLxT = jax.nn.softmax(scores_BxHxLxT, axis=-1).astype(cfg.compute_dtype)
     probs_BxHxLxT = nn.Dropout(cfg.dropout)(probs_BxHxLxT, deterministic=deterministic)
-    out_BxLxHxK = jnp.einsum('bhlt,bthk->blhk', probs_BxHxLxT, v_BxTxHxK)
+    out_BxLxHxK = jnp.einsum(f'bhlt,{kv_axes}->blhk', probs_BxHxLxT, v)
     return nn.with_logical_constraint(out_BxLxHxK, ('batch', 'length', 'heads', 'kv'))
 
   @nn.compact
@@ -149,11 +153,11 @@ class Attention(nn.Module):
     else:
       cache = {'k': _write_cache(cache['k'], k_BxLxHxK, positions_BxL),
                'v': _write_cache(cache['v'], v_BxLxHxK, positions_BxL)}
-      T = cache['k'].shape[1]
+      T = cache['k'].shape[2]
       # Slot t holds position t: a query at p sees slots <= p, all written by then.
       mask_Bx1xLxT = (jnp.arange(T)[None, None, :] <= positions_BxL[:, :, None])[:, None]
       out_BxLxHxK = self._attend(q_BxLxHxK, cache['k'].astype(dt), cache['v'].astype(dt),
-                                 mask_Bx1xLxT, deterministic)
+                                 mask_Bx1xLxT, deterministic, kv_axes='bhtk')
     w_HxKxD = _param(self, 'c_proj_kernel', (H, K, D), ('heads', 'kv', 'embed'),
                      _residual_std(cfg))
     b_D = _param(self, 'c_proj_bias', (D,), ('embed',), None)
@@ -252,26 +256,26 @@ class GPT2(nn.Module):
     logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'vocab'))
     if cache is None:
       return logits_BxLxV
-    T = cache[0]['k'].shape[1]
+    T = cache[0]['k'].shape[2]
     # A query past the cache would have attended to a cache missing its own key.
     logits_BxLxV = jnp.where((positions_BxL < T)[:, :, None], logits_BxLxV, jnp.nan)
     return logits_BxLxV, new_cache
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:
-  """Zeroed KV cache: per layer {'k', 'v'} of shape [batch, length, heads, head_dim]."""
+  """Zeroed KV cache: per layer {'k', 'v'} of shape [batch, heads, length, head_dim]."""
   if length <= 0 or batch <= 0:
     raise ValueError(f'init_cache needs a positive batch and length, got {batch}, {length}.')
   check_context(length, config)
   dtype = config.compute_dtype if dtype is None else dtype
-  shape = (batch, length, config.num_heads, config.head_dim)
+  shape = (batch, config.num_heads, length, config.head_dim)
   return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
           for _ in range(config.num_layers)]
 
 
 def cache_partition_spec(config: ModelConfig) -> Cache:
   """Logical axis names of `init_cache`'s leaves, for sharding a cache like activations."""
-  names = jax.sharding.PartitionSpec('batch', 'length', 'heads', 'kv')
+  names = jax.sharding.PartitionSpec('batch', 'heads', 'length', 'kv')
   return [{'k': names, 'v': names} for _ in range(config.num_layers)]
 
 
@@ -281,12 +285,12 @@ def _check_cache(cache, config: ModelConfig, batch: int, length: int) -> None:
     raise ValueError(f'cache has {len(cache)} layers but the model has {config.num_layers}; '
                      'make it with init_cache(config, ...).')
   k = cache[0]['k']
-  expect = (batch, None, config.num_heads, config.head_dim)
+  expect = (batch, config.num_heads, None, config.head_dim)
   if k.ndim != 4 or any(e is not None and e != s for e, s in zip(expect, k.shape)):
     raise ValueError(f'cache keys have shape {tuple(k.shape)}, expected '
-                     f'[{batch}, T, {config.num_heads}, {config.head_dim}] for this batch.')
-  if length > k.shape[1]:
-    raise ValueError(f'{length} tokens do not fit a cache of {k.shape[1]} slots; make a '
+                     f'[{batch}, {config.num_heads}, T, {config.head_dim}] for this batch.')
+  if length > k.shape[2]:
+    raise ValueError(f'{length} tokens do not fit a cache of {k.shape[2]} slots; make a '
                      'longer cache with init_cache.')
 
 

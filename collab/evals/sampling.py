@@ -18,6 +18,8 @@ How a batch is decoded, and why:
 - Context: a row generates min(max_new_tokens, max_len - prompt length) tokens. A prompt
   longer than max_len - 1 tokens keeps its last max_len - 1 tokens (left truncation,
   logged with a count) so at least one token can be generated.
+- Devices: rows are split over the mesh like a training batch and params replicated
+  (data parallel); the host loop reads rows back, so one call runs in one process.
 """
 
 import dataclasses
@@ -32,7 +34,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
-
 
 from collab import model as model_lib
 from collab import parallel
