@@ -1,0 +1,120 @@
+"""Incremental training: a chain of centralized runs, one participant after another.
+
+An order (p1, ..., pn) is a chain of stages (DESIGN.md convention 4). Stage k is
+`centralized.fit` on p_k's blocks alone, starting from stage k-1's final parameters
+restored through Orbax (`init_from` = stage k-1's workdir) with a fresh optimizer and
+warmup. Stage k lives in `WORKDIR/stages/p1-...-pk`, named by the order's prefix, so the
+chains of `all_orders` share the stages they have in common and every stage keeps its
+checkpoints for later evaluation. After each stage, fit evaluates every participant's
+validation blocks: the stages' results are the chain's forgetting curves.
+
+A stage with train.json is done and is not run again; a stage without one resumes from
+its own checkpoint (or starts from its predecessor), so a killed chain resumes at the
+stage where it stopped.
+
+Matched budgets: with config.train.budget_tokens > 0 every stage gets an equal share
+(budget // stages), so a chain trains on the budget, as the other settings do.
+"""
+
+import itertools
+import os
+import time
+
+from collab import io
+from collab.settings import centralized
+from collab.settings import run
+
+TRAIN_JSON = centralized.TRAIN_JSON
+STAGES_DIR = 'stages'
+
+
+def orders(config) -> list:
+  """The chains to train: config.incremental.order (or the participants), or all orders."""
+  names = run.participant_names(config)
+  spec = config.incremental.order
+  order = tuple(s.strip() for s in spec.split(',') if s.strip()) if spec else tuple(names)
+  unknown = [p for p in order if p not in names]
+  if unknown or len(set(order)) != len(order) or not order:
+    raise ValueError(f'config.incremental.order {spec!r} must name distinct participants among '
+                     f'{names}, separated by commas (unknown: {unknown}).')
+  bad = [p for p in order if '-' in p or os.sep in p]
+  if bad:
+    raise ValueError(f'Participants {bad} have "-" or "{os.sep}" in their names, which stage '
+                     'folders use as separators; rename them in config.data.participants.')
+  if config.incremental.all_orders:
+    return list(itertools.permutations(order))
+  return [order]
+
+
+def stage_dir(workdir: str, prefix) -> str:
+  """WORKDIR/stages/p1-...-pk: the stage that ends the order's prefix `prefix`."""
+  return os.path.join(workdir, STAGES_DIR, '-'.join(prefix))
+
+
+def stage_config(config, num_stages: int):
+  """The config of one stage: the run's, with the token budget split equally."""
+  budget = int(config.train.get('budget_tokens', 0))
+  if budget <= 0:
+    return config
+  stage = config.copy_and_resolve_references()  # Configs are never changed at run time.
+  stage.train.budget_tokens = budget // num_stages
+  return stage
+
+
+def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> dict:
+  """Stage k of `order` (done already, resumed, or started from stage k-1): its summary."""
+  folder = stage_dir(workdir, order[:k + 1])
+  path = os.path.join(folder, TRAIN_JSON)
+  if os.path.isfile(path):
+    return io.read_json(path)
+  init_from = stage_dir(workdir, order[:k]) if k else config.train.init_from
+  cfg = stage_config(config, len(order))
+  run.write_config(folder, cfg)
+  return centralized.fit(cfg, folder, model, {order[k]: data.train[order[k]]}, data.valid,
+                         init_from=init_from, desc=f'stage {k + 1}/{len(order)} {order[k]}')
+
+
+def run_chain(config, workdir: str, order, model, data: run.RunData) -> dict:
+  """Every stage of one order, in turn; the chain's summary with its forgetting curves.
+
+  `stages` lists, per stage, the participant, its folder (relative to WORKDIR), steps,
+  tokens seen and the validation results of every participant after it; `forgetting`
+  maps each participant to its validation perplexity after each stage.
+  """
+  stages = []
+  for k, name in enumerate(order):
+    summary = run_stage(config, workdir, order, k, model, data)
+    stages.append({'participant': name,
+                   'workdir': os.path.relpath(stage_dir(workdir, order[:k + 1]), workdir),
+                   **{key: summary[key] for key in ('steps', 'source', 'tokens_seen',
+                                                    'valid', 'train_seconds')}})
+  per_participant = {name: 0 for name in order}
+  for stage in stages:
+    per_participant[stage['participant']] += stage['tokens_seen']
+  final = stages[-1]['valid']
+  return {
+      'order': list(order), 'stages': stages, 'valid': final,
+      'steps': sum(s['steps'] for s in stages),
+      'tokens_seen': sum(per_participant.values()),
+      'tokens_seen_per_participant': per_participant,
+      'forgetting': {name: [s['valid'][name]['perplexity'] for s in stages] for name in final},
+      'train_seconds': sum(s['train_seconds'] for s in stages)}
+
+
+def train(config, workdir: str) -> dict:
+  """Trains every chain of config.incremental; returns (and writes) the summary.
+
+  The top-level fields describe the first chain (the configured order); `chains` holds
+  every chain (one unless all_orders).
+  """
+  run.check_config(config)
+  chains = orders(config)
+  data = run.load_data(config, workdir, list(chains[0]))
+  model, _ = run.make_model(config, data.manifest)
+  run.write_config(workdir, config)
+  start = time.time()
+  results = [run_chain(config, workdir, order, model, data) for order in chains]
+  summary = {'setting': 'incremental', 'participants': results[0]['order'], **results[0],
+             'chains': results, 'wall_seconds': time.time() - start}
+  io.atomic_write_json(os.path.join(workdir, TRAIN_JSON), summary)
+  return summary
