@@ -12,7 +12,6 @@ import os
 import sys
 
 from absl import app
-from absl import flags
 import matplotlib
 
 matplotlib.use('Agg')
@@ -21,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from analysis import tables  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Study folder holding one folder per run.')
+_WORKDIR = tables._WORKDIR  # One --workdir flag, defined by tables (imported here).
 _PNG = {'metadata': {'Software': None}, 'dpi': 120}  # No version stamp: same bytes each time.
 
 

@@ -200,11 +200,10 @@ def train(config, workdir: str) -> dict:
   data = run.load_data(config, workdir, names)
   model, _ = run.make_model(config, data.manifest)
   run.write_config(workdir, config)
-  summary = fit(config, workdir, model, data.train, data.valid)
-  return {'setting': 'federated', 'participants': names, **summary}
+  return fit(config, workdir, model, data.train, data.valid, eot_id=data.manifest['eot_id'])
 
 
-def fit(config, workdir: str, model, train: dict, valid: dict) -> dict:
+def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0) -> dict:
   """Runs (or resumes) the rounds; evaluates every participant; writes train.json last."""
   start_time = time.time()
   shape_BxL = (config.train.batch_size, next(iter(train.values())).shape[1])
@@ -253,14 +252,14 @@ def fit(config, workdir: str, model, train: dict, valid: dict) -> dict:
   final = centralized.evaluate_valid(config, model, state['params'], valid)
   writer.write(plan.rounds, _ppl_metrics(final), key='round')
   writer.close()
-  summary = {'rounds': plan.rounds, 'source': source,
+  summary = {'setting': 'federated', 'participants': list(plan.names),
+             'rounds': plan.rounds, 'source': source,
              'steps_per_round': plan.steps_per_round,
              'local_steps': dict(zip(plan.names, plan.steps_N.tolist())),
              'server_optimizer': config.federated.server_optimizer,
              **_tokens_seen(plan, seen_N, shape_BxL[1]),
              'valid': final, 'train_seconds': time.time() - start_time}
-  io.atomic_write_json(os.path.join(workdir, TRAIN_JSON), summary)
-  return summary
+  return run.finish(workdir, state['params'], model.config, eot_id, summary)
 
 
 def _tokens_seen(plan: Plan, blocks_seen_N: np.ndarray, seq_len: int) -> dict:

@@ -18,6 +18,7 @@ Matched budgets: with config.train.budget_tokens > 0 every stage gets an equal s
 
 import itertools
 import os
+import shutil
 import time
 
 from collab import io
@@ -46,9 +47,14 @@ def orders(config) -> list:
   return [order]
 
 
-def stage_dir(workdir: str, prefix) -> str:
-  """WORKDIR/stages/p1-...-pk: the stage that ends the order's prefix `prefix`."""
-  return os.path.join(workdir, STAGES_DIR, '-'.join(prefix))
+def stage_dir(config, workdir: str, prefix) -> str:
+  """STAGES/p1-...-pk: the stage that ends the order's prefix `prefix`.
+
+  STAGES is config.incremental.stages_dir, or WORKDIR/stages; a study points all its
+  chains at one folder so orders that begin alike share their first stages.
+  """
+  root = config.incremental.get('stages_dir') or os.path.join(workdir, STAGES_DIR)
+  return os.path.join(root, '-'.join(prefix))
 
 
 def stage_config(config, num_stages: int):
@@ -63,15 +69,16 @@ def stage_config(config, num_stages: int):
 
 def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> dict:
   """Stage k of `order` (done already, resumed, or started from stage k-1): its summary."""
-  folder = stage_dir(workdir, order[:k + 1])
+  folder = stage_dir(config, workdir, order[:k + 1])
   path = os.path.join(folder, TRAIN_JSON)
   if os.path.isfile(path):
     return io.read_json(path)
-  init_from = stage_dir(workdir, order[:k]) if k else config.train.init_from
+  init_from = stage_dir(config, workdir, order[:k]) if k else config.train.init_from
   cfg = stage_config(config, len(order))
   run.write_config(folder, cfg)
   return centralized.fit(cfg, folder, model, {order[k]: data.train[order[k]]}, data.valid,
-                         init_from=init_from, desc=f'stage {k + 1}/{len(order)} {order[k]}')
+                         init_from=init_from, eot_id=data.manifest['eot_id'],
+                         desc=f'stage {k + 1}/{len(order)} {order[k]}')
 
 
 def run_chain(config, workdir: str, order, model, data: run.RunData) -> dict:
@@ -85,7 +92,8 @@ def run_chain(config, workdir: str, order, model, data: run.RunData) -> dict:
   for k, name in enumerate(order):
     summary = run_stage(config, workdir, order, k, model, data)
     stages.append({'participant': name,
-                   'workdir': os.path.relpath(stage_dir(workdir, order[:k + 1]), workdir),
+                   'workdir': os.path.relpath(stage_dir(config, workdir, order[:k + 1]),
+                                              workdir),
                    **{key: summary[key] for key in ('steps', 'source', 'tokens_seen',
                                                     'valid', 'train_seconds')}})
   per_participant = {name: 0 for name in order}
@@ -116,5 +124,9 @@ def train(config, workdir: str) -> dict:
   results = [run_chain(config, workdir, order, model, data) for order in chains]
   summary = {'setting': 'incremental', 'participants': results[0]['order'], **results[0],
              'chains': results, 'wall_seconds': time.time() - start}
+  # The chain's model is its last stage's: evaluation reads WORKDIR/final like any run's.
+  last = os.path.join(stage_dir(config, workdir, chains[0]), run.FINAL_DIR)
+  with io.atomic_dir(os.path.join(workdir, run.FINAL_DIR)) as tmp:
+    shutil.copytree(last, tmp, dirs_exist_ok=True)
   io.atomic_write_json(os.path.join(workdir, TRAIN_JSON), summary)
   return summary
