@@ -12,6 +12,7 @@ import os
 import sys
 
 from absl import app
+from absl import flags
 import matplotlib
 
 matplotlib.use('Agg')
@@ -20,7 +21,6 @@ import numpy as np  # noqa: E402
 
 from analysis import tables  # noqa: E402
 
-_WORKDIR = tables._WORKDIR  # One --workdir flag, defined by tables (imported here).
 _PNG = {'metadata': {'Software': None}, 'dpi': 120}  # No version stamp: same bytes each time.
 
 
@@ -154,14 +154,17 @@ def write_figures(workdir: str) -> list:
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  workdir = flags.FLAGS.workdir
+  if not workdir:
     sys.exit('plots: error: give --workdir=STUDY_FOLDER')
   try:
-    for path in write_figures(_WORKDIR.value):
+    for path in write_figures(workdir):
       print(path)
   except FileNotFoundError as e:
     sys.exit(f'plots: error: {e}')
 
 
 if __name__ == '__main__':
+  # Defined only when run as a script, so launch.study can import this module.
+  flags.DEFINE_string('workdir', None, 'Study folder holding one folder per run.')
   app.run(main)

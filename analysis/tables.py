@@ -18,7 +18,6 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Study folder holding one folder per run.')
 
 SETTING_ORDER = ('single', 'centralized', 'federated', 'incremental')
 
@@ -216,13 +215,16 @@ def write_tables(workdir: str, out_dir: str | None = None) -> str:
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  workdir = flags.FLAGS.workdir
+  if not workdir:
     sys.exit('tables: error: give --workdir=STUDY_FOLDER')
   try:
-    print(write_tables(_WORKDIR.value))
+    print(write_tables(workdir))
   except FileNotFoundError as e:
     sys.exit(f'tables: error: {e}')
 
 
 if __name__ == '__main__':
+  # Defined only when run as a script, so launch.study can import this module.
+  flags.DEFINE_string('workdir', None, 'Study folder holding one folder per run.')
   app.run(main)

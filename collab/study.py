@@ -24,6 +24,7 @@ from collab.data import build
 from collab.settings import run
 
 SUMMARY_JSON = 'summary.json'
+ADAPTIVE = ('fedadam', 'fedyogi', 'fedadagrad')  # Server optimizers with their own lr.
 
 
 class RunSpec(NamedTuple):
@@ -45,8 +46,10 @@ def expand(config) -> list:
   if 'centralized' in study.settings:
     specs.append(RunSpec('centralized', {'setting': 'centralized'}))
   if 'federated' in study.settings:
+    adaptive = {'federated.server_learning_rate': study.adaptive_server_learning_rate}
     specs += [RunSpec(f'federated-{o}', {'setting': 'federated',
-                                         'federated.server_optimizer': o})
+                                         'federated.server_optimizer': o,
+                                         **(adaptive if o in ADAPTIVE else {})})
               for o in study.server_optimizers]
   if 'incremental' in study.settings:
     orders = itertools.permutations(names) if study.all_orders else [tuple(names)]

@@ -38,6 +38,7 @@ def get_config(arg=None):
   c.eval.passk.n = 10  # Samples per problem: pass@1 and pass@10 (PROTOCOL: n = 200).
   c.eval.passk.ks = (1, 10)
   c.eval.passk.max_new_tokens = 48  # Enough for short HumanEval bodies.
-  c.eval.memorization.max_prompts = 8  # Docstring prompts per participant (seeded sample).
-  c.eval.memorization.max_new_tokens = 64  # New tokens per sample (PROTOCOL: 512).
+  c.eval.memorization.max_prompts = 6  # Docstring prompts per participant (seeded sample).
+  # New tokens per sample (PROTOCOL: 512); a 6-line clone needs ~60-100 tokens of code.
+  c.eval.memorization.max_new_tokens = 128
   return c

@@ -6,6 +6,8 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# Tests compile the same small programs again and again: reuse them across tests.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', '/tmp/collab-tests-jax-cache')
 
 
 import pytest  # noqa: E402  (after the environment above is set)

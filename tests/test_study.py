@@ -87,3 +87,18 @@ def test_rerun_is_a_no_op_and_tables_are_byte_identical(finished):
   assert open(os.path.join(workdir, 'tables', 'memorization.md'), 'rb').read() == md
   for n, t in before.items():
     assert os.path.getmtime(os.path.join(workdir, n, 'results.json')) == t
+
+
+def test_command_lines_regenerate_the_same_tables(finished):
+  import subprocess
+  import sys
+  _, workdir, _ = finished
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  expected = tables.write_tables(workdir)
+  out = subprocess.run([sys.executable, '-m', 'analysis.tables', f'--workdir={workdir}'],
+                       cwd=root, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == expected.strip()
+  for module in ('analysis.plots', 'launch.study'):  # Both import analysis.tables.
+    proc = subprocess.run([sys.executable, '-m', module, '--helpshort'], cwd=root,
+                          capture_output=True, text=True, check=False)
+    assert 'Traceback' not in proc.stderr and 'workdir' in proc.stdout + proc.stderr

@@ -1,0 +1,237 @@
+"""Train-step throughput: collab's jitted train_step against transformers + PyTorch on CPU.
+
+Both sides train the same GPT-2 (collab's initial parameters exported with
+collab.hf.export_hf and loaded by transformers' GPT2LMHeadModel, so the weights are
+identical) on the same batch, in training mode (dropout on), in the same process:
+
+  - collab: `steps.train_step` under `jax.jit` with the state donated; AdamW from
+    `steps.make_optimizer` (weight decay masked off biases and LayerNorm, global-norm
+    clipping, warmup-cosine schedule computed inside the step);
+  - PyTorch: `GPT2LMHeadModel(input_ids, labels=input_ids)`, backward,
+    `clip_grad_norm_(1.0)`, `torch.optim.AdamW` with the same learning rate, betas, eps
+    and weight decay on the same parameters (2-D ones), and the same schedule (LambdaLR).
+
+Each side first runs `warmup` untimed steps (compilation, allocator), then `rounds`
+rounds of `steps` steps that alternate which side goes first, so machine load hits both
+alike. Reported: the median step time per side, tokens/s (B x L per step) and the median
+of the per-round ratios; CPU time of the process beside wall time. Before timing, the
+deterministic loss of both on the batch is compared (same model, same numbers).
+
+PyTorch runs as one side per `--threads` count (default: one per core, and 1): on a
+shared machine torch's OpenMP threads wait on each other when other jobs hold the cores,
+and one thread can be several times faster than all of them, so the peer is compared at
+both and the headline is the speed-up over the faster one.
+
+  python -m bench.train_step [--sizes=tiny,small] [--batch=16] [--rounds=5] [--steps=3]
+      [--threads=0,1] [--record=docs/BENCHMARKS.md]
+"""
+
+import functools
+import json
+import os
+import statistics
+import tempfile
+import textwrap
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import record
+from collab import hf
+from collab import model as model_lib
+from collab import steps
+from configs import common
+
+_SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Model sizes (configs/common.py).')
+_VOCAB = flags.DEFINE_integer('vocab', 8192, 'Vocabulary size (the default BPE size).')
+_BATCH = flags.DEFINE_integer('batch', 16, 'Sequences per step (both sides).')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating timed rounds; medians are reported.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Steps per side per round.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per side first.')
+_THREADS = flags.DEFINE_list('threads', ['0', '1'],
+                             'torch thread counts, one PyTorch side each; 0: one per CPU core.')
+_RECORD = record.define_flag()
+
+HEADING = '## Train step (`bench/train_step.py`)'
+CPU_HEADING = '### CPU: collab against transformers + PyTorch (`make bench`)'
+TOTAL_STEPS = 10_000  # Schedule length; only its shape within the first steps matters.
+
+
+def model_config(size: str, vocab: int) -> model_lib.ModelConfig:
+  cfg = common.model_config(size)
+  return model_lib.ModelConfig.from_config(cfg, vocab)
+
+
+def collab_side(config, train_cfg, tokens_BxL: np.ndarray):
+  """(run(n) -> None that trains n steps, initial params, deterministic loss of the batch)."""
+  model = model_lib.GPT2(config)
+  optimizer = steps.make_optimizer(train_cfg, TOTAL_STEPS)
+  state = jax.jit(functools.partial(steps.init_state, model=model, optimizer=optimizer,
+                                    seq_len=config.max_len))(jax.random.key(0))
+  params = jax.device_get(state['params'])  # A host copy: the state will be donated.
+  batch, rng = {'tokens': jnp.asarray(tokens_BxL, jnp.int32)}, jax.random.key(1)
+  loss_sum, count = jax.jit(functools.partial(steps.eval_step, model=model))(params, batch)
+  step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer),
+                 donate_argnums=(0,))
+  box = {'state': state}
+
+  def run(n):
+    state = box['state']
+    for _ in range(n):
+      state, metrics = step(state, batch, rng)
+    box['state'] = jax.block_until_ready(state)
+    steps.check_finite(metrics, int(state['step']))
+  return run, params, float(loss_sum / count)
+
+
+def torch_side(folder: str, train_cfg, tokens_BxL: np.ndarray, threads: int):
+  """(run(n), deterministic loss of the batch) for transformers + torch.optim.AdamW."""
+  import torch  # Only the peer needs torch.
+  import transformers
+  torch.set_num_threads(threads)
+  model = transformers.GPT2LMHeadModel.from_pretrained(folder)
+  input_ids = torch.from_numpy(tokens_BxL.astype(np.int64))
+  model.eval()
+  with torch.no_grad():
+    loss0 = float(model(input_ids=input_ids, labels=input_ids).loss)
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  groups = [{'params': [p for p in params if p.dim() >= 2],
+             'weight_decay': train_cfg.weight_decay},  # wte, wpe, kernels: as decay_mask.
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+  opt = torch.optim.AdamW(groups, lr=train_cfg.learning_rate, betas=(train_cfg.b1, train_cfg.b2),
+                          eps=train_cfg.eps)
+  # The same warmup-cosine values, tabulated once so the peer pays no JAX call per step.
+  factors = np.asarray(jax.vmap(steps.make_schedule(train_cfg, TOTAL_STEPS))(
+      jnp.arange(TOTAL_STEPS + 1))) / train_cfg.learning_rate
+  sched = torch.optim.lr_scheduler.LambdaLR(
+      opt, lambda s: float(factors[min(s, TOTAL_STEPS)]))
+
+  def run(n):
+    torch.set_num_threads(threads)  # A process-wide setting: each side sets its own.
+    for _ in range(n):
+      opt.zero_grad(set_to_none=True)
+      loss = model(input_ids=input_ids, labels=input_ids).loss
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+      opt.step()
+      sched.step()
+    if not torch.isfinite(loss):
+      raise FloatingPointError(f'PyTorch loss is {float(loss)}.')
+  return run, loss0
+
+
+def _timed(fn, n) -> tuple:
+  wall, cpu = time.perf_counter(), time.process_time()
+  fn(n)
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def race(sides: dict, rounds: int, steps_per_round: int, warmup: int) -> dict:
+  """{name: [(wall s per step, CPU s per step) per round]}; rounds alternate the order."""
+  for fn in sides.values():
+    fn(warmup)
+  out = {name: [] for name in sides}
+  for r in range(rounds):
+    for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+      wall, cpu = _timed(sides[name], steps_per_round)
+      out[name].append((wall / steps_per_round, cpu / steps_per_round))
+  return out
+
+
+def thread_counts() -> list:
+  """--threads as distinct positive ints (0 is one per CPU core), in the given order."""
+  try:
+    counts = [int(t) or os.cpu_count() for t in _THREADS.value]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 1:
+    raise ValueError(f'--threads must list thread counts >= 0, got {_THREADS.value}.')
+  return list(dict.fromkeys(counts))
+
+
+def bench_size(size: str, threads: list) -> list:
+  """Builds collab and one PyTorch side per thread count, checks they agree, races them.
+
+  Returns one row per PyTorch side; speed-ups are medians of per-round ratios.
+  """
+  config = model_config(size, _VOCAB.value)
+  train_cfg = common.train_config()
+  tokens_BxL = np.random.default_rng(0).integers(
+      0, config.vocab_size, (_BATCH.value, config.max_len))
+  ours, params, our_loss = collab_side(config, train_cfg, tokens_BxL)
+  sides, their_loss = {'collab': ours}, None
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = hf.export_hf(params, config, os.path.join(tmp, 'hf'))
+    for n in threads:
+      sides[n], their_loss = torch_side(folder, train_cfg, tokens_BxL, n)
+  times = race(sides, _ROUNDS.value, _STEPS.value, _WARMUP.value)
+  tokens = _BATCH.value * config.max_len
+  collab_s = statistics.median(w for w, _ in times['collab'])
+  collab_cpu = statistics.median(c for _, c in times['collab'])
+  rows = []
+  for n in threads:
+    peer_s = statistics.median(w for w, _ in times[n])
+    peer_cpu = statistics.median(c for _, c in times[n])
+    rows.append({
+        'size': size, 'params': model_lib.count_params(params), 'batch': _BATCH.value,
+        'context': config.max_len, 'torch_threads': n,
+        'loss_collab': our_loss, 'loss_pytorch': their_loss,
+        'collab_step_s': collab_s, 'collab_cpu_s': collab_cpu,
+        'collab_tok_s': tokens / collab_s, 'pytorch_step_s': peer_s,
+        'pytorch_cpu_s': peer_cpu, 'pytorch_tok_s': tokens / peer_s,
+        'ratio': statistics.median(t / o for (o, _), (t, _) in zip(times['collab'],
+                                                                   times[n])),
+        'ratio_cpu': peer_cpu / collab_cpu,
+        'collab_rounds_s': [round(w, 4) for w, _ in times['collab']],
+        'pytorch_rounds_s': [round(w, 4) for w, _ in times[n]]})
+  return rows
+
+
+def markdown(rows) -> str:
+  lines = ['| model | params | batch x context | torch threads | collab ms/step | PyTorch '
+           'ms/step | collab tok/s | PyTorch tok/s | speed-up wall (CPU time) | loss '
+           'collab / PyTorch |', '|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f"| {r['size']} | {r['params'] / 1e6:.2f}M | {r['batch']} x {r['context']} | "
+        f"{r['torch_threads']} | {1e3 * r['collab_step_s']:.0f} | "
+        f"{1e3 * r['pytorch_step_s']:.0f} | {r['collab_tok_s']:,.0f} | "
+        f"{r['pytorch_tok_s']:,.0f} | {r['ratio']:.2f}x ({r['ratio_cpu']:.2f}x) | "
+        f"{r['loss_collab']:.5f} / {r['loss_pytorch']:.5f} |")
+  return '\n'.join(lines)
+
+
+def conditions() -> str:
+  import torch
+  import transformers
+  return (f'jax {jax.__version__} ({jax.devices()[0].device_kind}, XLA using every core), '
+          f'torch {torch.__version__}, transformers {transformers.__version__}; float32, '
+          f'dropout 0.1, {_ROUNDS.value} alternating rounds of {_STEPS.value} steps per side '
+          f'after {_WARMUP.value} warm-up steps; medians.')
+
+
+def main(argv):
+  del argv
+  threads = thread_counts()
+  rows = []
+  for size in _SIZES.value:
+    rows.extend(bench_size(size, threads))
+    for row in rows[-len(threads):]:
+      print(json.dumps(row), flush=True)
+  table = markdown(rows)
+  print(f'\n{conditions()}\n\n{table}')
+  worst = min(r['ratio'] for r in rows)
+  print(f'\nspeed-up over the fastest PyTorch side (smallest of all rows): {worst:.2f}x '
+        f'(target >= 1.2x)')
+  if _RECORD.value:
+    text = textwrap.fill(f'{record.stamp()} {conditions()}', 90)
+    record.replace_section(_RECORD.value, CPU_HEADING, f'{text}\n\n{table}', parent=HEADING)
+
+
+if __name__ == '__main__':
+  app.run(main)
