@@ -54,15 +54,26 @@ def generate_fn(config, params, model_config, tokenizer, key, sampling_cfg):
   return fn
 
 
+def _cached(path: str, compute):
+  """The JSON at `path`, or compute() written there atomically (a part done is kept)."""
+  if os.path.isfile(path):
+    return io.read_json(path)
+  result = compute()
+  io.atomic_write_json(path, result)
+  return result
+
+
 def evaluate_passk(config, workdir: str, params, model_config, tokenizer) -> dict | None:
   """pass@k on HumanEval with n samples per problem; cached in WORKDIR/passk/."""
-  cfg = config.eval.passk
-  if not cfg.enabled:
+  if not config.eval.passk.enabled:
     return None
   out_dir = os.path.join(workdir, 'passk')
-  cached = os.path.join(out_dir, 'result.json')
-  if os.path.isfile(cached):
-    return io.read_json(cached)
+  return _cached(os.path.join(out_dir, 'result.json'), lambda: _passk(
+      config, out_dir, params, model_config, tokenizer))
+
+
+def _passk(config, out_dir: str, params, model_config, tokenizer) -> dict:
+  cfg = config.eval.passk
   problems = passk.load_problems(int(cfg.num_problems))
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   ks = [k for k in cfg.ks if k <= cfg.n]
@@ -75,11 +86,9 @@ def evaluate_passk(config, workdir: str, params, model_config, tokenizer) -> dic
   for row in evaluation.rows:
     n, c = counts.get(row['task_id'], (0, 0))
     counts[row['task_id']] = (n + 1, c + int(row['passed']))
-  result = {'pass_at_k': {k: v for k, v in evaluation.scores.items() if k.startswith('pass@')},
-            'ci95': stats.passk_bootstrap(counts, ks, seed=config.seed),
-            'n': int(cfg.n), 'num_problems': len(problems)}
-  io.atomic_write_json(cached, result)
-  return result
+  return {'pass_at_k': {k: v for k, v in evaluation.scores.items() if k.startswith('pass@')},
+          'ci95': stats.passk_bootstrap(counts, ks, seed=config.seed),
+          'n': int(cfg.n), 'num_problems': len(problems)}
 
 
 def evaluate_memorization(config, workdir: str, params, model_config,
@@ -90,13 +99,16 @@ def evaluate_memorization(config, workdir: str, params, model_config,
   WORKDIR/memorization/memorized.jsonl (every memorized span with its provenance) and
   WORKDIR/memorization/result.json (the block results.json holds).
   """
-  cfg = config.eval.memorization
-  if not cfg.enabled:
+  if not config.eval.memorization.enabled:
     return None
   out_dir = os.path.join(workdir, 'memorization')
-  cached = os.path.join(out_dir, 'result.json')
-  if os.path.isfile(cached):
-    return io.read_json(cached)
+  return _cached(os.path.join(out_dir, 'result.json'), lambda: _memorization(
+      config, workdir, out_dir, params, model_config, tokenizer))
+
+
+def _memorization(config, workdir: str, out_dir: str, params, model_config,
+                  tokenizer) -> dict:
+  cfg = config.eval.memorization
   data_dir = run.data_dir_of(config, workdir)
   names = run.participant_names(config)
   indexes = memorization.build_indexes(data_dir, names, int(cfg.min_lines),
@@ -111,7 +123,6 @@ def evaluate_memorization(config, workdir: str, params, model_config,
   result['prompts'] = prompt_counts
   result['settings'] = cfg.to_dict()
   io.write_jsonl(os.path.join(out_dir, 'memorized.jsonl'), rows)
-  io.atomic_write_json(cached, result)
   return result
 
 
