@@ -102,3 +102,20 @@ def test_command_lines_regenerate_the_same_tables(finished):
     proc = subprocess.run([sys.executable, '-m', module, '--helpshort'], cwd=root,
                           capture_output=True, text=True, check=False)
     assert 'Traceback' not in proc.stderr and 'workdir' in proc.stdout + proc.stderr
+
+
+def test_seeds_repeat_every_run_and_tables_report_mean_and_spread(tmp_path):
+  config = micro_study_config(str(tmp_path))
+  config.study.seeds = (1, 2)
+  config.study.settings = ('centralized', 'federated')
+  specs = study.expand(config)
+  assert [s.name for s in specs] == ['centralized@seed1', 'federated-fedavg@seed1',
+                                     'federated-fedyogi@seed1', 'centralized@seed2',
+                                     'federated-fedavg@seed2', 'federated-fedyogi@seed2']
+  assert {s.overrides['seed'] for s in specs} == {1, 2}
+  assert specs[2].overrides['federated.server_learning_rate'] == (
+      config.study.adaptive_server_learning_rate)
+  runs = [{'run': f'centralized@seed{i}', 'setting': 'centralized',
+           'perplexity': {'a': ppl, 'pooled': ppl}} for i, ppl in ((1, 10.0), (2, 14.0))]
+  _, _, rows = tables.effectiveness(runs)
+  assert rows == [['centralized', 'centralized', '12.00 ± 2.83', '12.00 ± 2.83']]
