@@ -126,3 +126,29 @@ def test_unbuilt_data_folder_is_named(tmp_path):
   out = proc.output()
   assert proc.returncode == 1, out
   assert 'never_built' in out and 'launch.build_data' in out
+
+
+def test_killed_incremental_chain_resumes_at_its_stage(tiny_data, tmp_path):
+  """SIGKILL during stage 2 of alpha -> beta; the rerun keeps stage 1 and ends identical."""
+  from collab import hf
+  chain = ('--config.setting=incremental', '--config.incremental.order=alpha,beta')
+  steps = 30
+  straight = _launch(tmp_path / 'straight', tiny_data, steps, *chain)
+  assert straight.wait(timeout=300) == 0, straight.output()
+  killed = _launch(tmp_path / 'killed', tiny_data, steps, *chain)
+  stage1 = tmp_path / 'killed' / 'stages' / 'alpha' / 'train.json'
+  ckpts = tmp_path / 'killed' / 'stages' / 'alpha-beta' / 'checkpoints'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (stage1.exists() and ckpts.is_dir() and any(
+      p.name.isdigit() for p in ckpts.iterdir())):
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert stage1.exists() and not (tmp_path / 'killed' / 'train.json').exists()
+  stage1_mtime = stage1.stat().st_mtime
+  resumed = _launch(tmp_path / 'killed', tiny_data, steps, *chain)
+  assert resumed.wait(timeout=300) == 0, resumed.output()
+  assert stage1.stat().st_mtime == stage1_mtime  # Stage 1 was not trained again.
+  a, _ = hf.import_hf(str(tmp_path / 'straight' / 'final'))
+  b, _ = hf.import_hf(str(tmp_path / 'killed' / 'final'))
+  _assert_same(a, b)
