@@ -65,6 +65,11 @@ def test_pmap_and_pjit_give_the_same_run(tiny_data, tmp_path):
   assert abs(a - b) / abs(a) <= 1e-5
 
 
+# Two devices on two cores: XLA's CPU collectives need every device's thread at once, and
+# four virtual devices on a loaded 2-core machine can time out their rendezvous.
+_ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+
+
 def _launch(workdir, data_dir, steps, *extra):
   """launch.train in a subprocess; its output goes to a file (a pipe could fill and block)."""
   os.makedirs(workdir, exist_ok=True)
@@ -79,7 +84,7 @@ def _launch(workdir, data_dir, steps, *extra):
        '--config.data.seq_len=32', '--config.data.participants[0].name=alpha',
        '--config.data.participants[1].name=beta', '--config.data.participants[2].name=gamma',
        *extra],
-      cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+      cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=_ENV)
   proc.output = lambda: (log.seek(0), log.read())[1]
   return proc
 
@@ -109,7 +114,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path):
 @pytest.mark.parametrize('override, message', [
     (('--config.setting=sideways',), 'Unknown setting'),
     (('--config.data.seq_len=64',), 'longer than the model'),
-    (('--config.train.batch_size=6',), 'cannot be split evenly'),
+    (('--config.train.batch_size=7',), 'cannot be split evenly'),
     (('--config.train.learning_rate=1e30', '--config.train.grad_clip=0'), 'at step'),
 ])
 def test_bad_input_exits_with_a_clear_message(tiny_data, tmp_path, override, message):
