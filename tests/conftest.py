@@ -2,7 +2,10 @@
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+# A loaded 2-core machine can starve 4 virtual devices past XLA's 40 s collective
+# rendezvous limit, which aborts the process; wait longer instead.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4 '
+                      '--xla_cpu_collective_call_terminate_timeout_seconds=600')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')

@@ -67,7 +67,8 @@ def test_pmap_and_pjit_give_the_same_run(tiny_data, tmp_path):
 
 # Two devices on two cores: XLA's CPU collectives need every device's thread at once, and
 # four virtual devices on a loaded 2-core machine can time out their rendezvous.
-_ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+_ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
+                                   '--xla_cpu_collective_call_terminate_timeout_seconds=600'}
 
 
 def _launch(workdir, data_dir, steps, *extra):
