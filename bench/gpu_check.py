@@ -23,7 +23,6 @@ the lent machine has jax, flax and optax but nothing can be installed there.
 
 import functools
 import json
-import os
 import platform
 import sys
 import time

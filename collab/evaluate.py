@@ -23,8 +23,6 @@ from collab.evals import stats
 from collab.settings import run
 
 RESULTS_JSON = 'results.json'
-TRAIN_JSON = 'train.json'
-FINAL_DIR = 'final'
 
 
 class NotTrainedError(FileNotFoundError):
@@ -33,11 +31,11 @@ class NotTrainedError(FileNotFoundError):
 
 def load_final(workdir: str) -> tuple:
   """(params, ModelConfig, train summary) of a finished run."""
-  summary_path = os.path.join(workdir, TRAIN_JSON)
-  final = os.path.join(workdir, FINAL_DIR)
+  summary_path = os.path.join(workdir, run.TRAIN_JSON)
+  final = os.path.join(workdir, run.FINAL_DIR)
   if not (os.path.isfile(summary_path) and os.path.isdir(final)):
-    raise NotTrainedError(f'{workdir!r} has no finished training ({TRAIN_JSON} and '
-                          f'{FINAL_DIR}/); train it first with python -m launch.train.')
+    raise NotTrainedError(f'{workdir!r} has no finished training ({run.TRAIN_JSON} and '
+                          f'{run.FINAL_DIR}/); train it first with python -m launch.train.')
   params, model_config = hf.import_hf(final)
   return jax.tree_util.tree_map(np.asarray, params), model_config, io.read_json(summary_path)
 

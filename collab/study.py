@@ -88,7 +88,7 @@ def run_one(cfg, folder: str) -> dict:
   return evaluate.evaluate_run(cfg, folder)
 
 
-def _crossorg(config, data_dir: str, workdir: str) -> dict | None:
+def _crossorg(config, data_dir: str) -> dict | None:
   """The participants' containment matrix and cross-org clones (once per data folder)."""
   if not config.study.crossorg:
     return None
@@ -117,7 +117,7 @@ def run_study(config, workdir: str) -> dict:
       'data': {p: {split: {k: card['participants'][p]['splits'][split].get(k) for k in (
           'files', 'lines', 'tokens', 'blocks')} for split in ('train', 'valid')}
           for p in run.participant_names(config)},
-      'crossorg': _crossorg(config, data_dir, workdir),
+      'crossorg': _crossorg(config, data_dir),
       'machine': {'platform': platform.platform(), 'processor': platform.processor(),
                   'cpus': os.cpu_count()},
   }

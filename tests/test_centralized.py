@@ -12,7 +12,6 @@ import pytest
 
 from collab import checkpoint
 from collab import train as train_lib
-from collab.settings import centralized
 from tests.conftest import tiny_run_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

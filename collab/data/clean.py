@@ -29,7 +29,6 @@ the cap", without tokenizing what would be thrown away.
 
 import collections
 import hashlib
-import re
 from typing import Callable, Sequence
 
 import numpy as np

@@ -5,7 +5,6 @@ resumes from the run's latest checkpoint (state and data position), so a run kil
 any point and restarted ends bit-identical to an uninterrupted one.
 """
 
-import os
 import time
 from typing import Sequence
 
@@ -20,8 +19,6 @@ from collab import steps
 from collab.data import blocks as blocks_lib
 from collab.evals import perplexity
 from collab.settings import run
-
-TRAIN_JSON = run.TRAIN_JSON
 
 def train(config, workdir: str, participants: Sequence[str] | None = None, *,
           init_from: str = '') -> dict:

@@ -21,7 +21,6 @@ so a killed run resumes bit-identical. `step` counts rounds, so other code readi
 """
 
 import math
-import os
 import time
 from typing import NamedTuple
 
@@ -41,7 +40,6 @@ from collab.settings import rounds
 from collab.settings import run
 from collab.settings import server as server_lib
 
-TRAIN_JSON = centralized.TRAIN_JSON
 
 
 class Plan(NamedTuple):
@@ -218,7 +216,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0) 
                                     config.federated.checkpoint_every)
   state, extra, source = checkpoint.restore_or_init(
       manager, programs.abstract_state, programs.init, config.train.init_from or None,
-      import_params=_import_hf)
+      import_params=run.import_params)
   start = int(jax.device_get(state['step']))
   logging.info('%s: %s at round %d of %d (%s local steps per round).', workdir, source,
                start, plan.rounds, dict(zip(plan.names, plan.steps_N.tolist())))
@@ -268,8 +266,3 @@ def _tokens_seen(plan: Plan, blocks_seen_N: np.ndarray, seq_len: int) -> dict:
   return {'tokens_seen': int(blocks_seen_N.sum()) * per_block,
           'tokens_seen_per_participant': {
               n: int(blocks_seen_N[i]) * per_block for i, n in enumerate(plan.names)}}
-
-
-def _import_hf(folder: str):
-  from collab import hf  # Only runs that start from a Hugging Face folder need it.
-  return hf.import_hf(folder)[0]

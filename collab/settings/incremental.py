@@ -25,7 +25,6 @@ from collab import io
 from collab.settings import centralized
 from collab.settings import run
 
-TRAIN_JSON = centralized.TRAIN_JSON
 STAGES_DIR = 'stages'
 
 
@@ -70,7 +69,7 @@ def stage_config(config, num_stages: int):
 def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> dict:
   """Stage k of `order` (done already, resumed, or started from stage k-1): its summary."""
   folder = stage_dir(config, workdir, order[:k + 1])
-  path = os.path.join(folder, TRAIN_JSON)
+  path = os.path.join(folder, run.TRAIN_JSON)
   if os.path.isfile(path):
     return io.read_json(path)
   init_from = stage_dir(config, workdir, order[:k]) if k else config.train.init_from
@@ -128,5 +127,5 @@ def train(config, workdir: str) -> dict:
   last = os.path.join(stage_dir(config, workdir, chains[0]), run.FINAL_DIR)
   with io.atomic_dir(os.path.join(workdir, run.FINAL_DIR)) as tmp:
     shutil.copytree(last, tmp, dirs_exist_ok=True)
-  io.atomic_write_json(os.path.join(workdir, TRAIN_JSON), summary)
+  io.atomic_write_json(os.path.join(workdir, run.TRAIN_JSON), summary)
   return summary

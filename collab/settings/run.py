@@ -179,11 +179,16 @@ def _pmap_engine(init_fn, step_fn, init_key) -> Engine:
                 lambda s: jax.device_get(parallel.unreplicate(s)), step)
 
 
+def import_params(folder: str) -> PyTree:
+  """The parameters of a Hugging Face GPT-2 folder (an `init_from` source)."""
+  return hf.import_hf(folder)[0]
+
+
 def restore_or_init(engine: Engine, manager, init_from: str) -> tuple:
   """(state in the engine's layout, extra, source) as checkpoint.restore_or_init says."""
   state, extra, source = checkpoint.restore_or_init(
       manager, engine.abstract_state, engine.init, init_from or None,
-      import_params=lambda folder: hf.import_hf(folder)[0])
+      import_params=import_params)
   return engine.to_device(state), extra, source
 
 
