@@ -146,6 +146,30 @@ def federated_config() -> ml_collections.ConfigDict:
   c.steps_per_call = 0  # Local steps per compiled call (bounds batch memory); 0: a whole round.
   c.checkpoint_every = 1  # Rounds between checkpoints (and one at the end).
   c.eval_every = 0  # Rounds between validation passes; 0: only at the end.
+  # Who a client is: 'participants' (one per organization, the paper), 'repositories'
+  # (every repository of every participant), 'directories' (folders `directory_depth`
+  # deep inside each repository) or 'synthetic' (each participant's training blocks cut
+  # into `synthetic_clients` shards, 'equal' or 'dirichlet' sizes) for scale studies.
+  c.clients = 'participants'
+  c.directory_depth = 1  # 'directories': path components naming a client's folder.
+  c.synthetic_clients = 0  # 'synthetic': clients per participant.
+  c.synthetic_partition = 'equal'  # 'synthetic': 'equal' or 'dirichlet' shard sizes.
+  c.dirichlet_alpha = 1.0  # 'dirichlet': concentration (small: very unequal clients).
+  c.dp = dp_config()
+  return c
+
+
+def dp_config() -> ml_collections.ConfigDict:
+  """DP-FedAvg (McMahan et al. 2018): client-level clipping and Gaussian noise."""
+  c = ml_collections.ConfigDict()
+  c.enabled = False  # Clip each client's delta and noise the aggregate; needs uniform weights.
+  c.clip_norm = 1.0  # L2 bound on each client's delta (the initial bound when adaptive).
+  c.noise_multiplier = 0.0  # Noise std on the sum of clipped deltas = noise_multiplier * clip.
+  c.adaptive_clip = False  # Andrew et al. 2021: move the bound toward a quantile of norms.
+  c.target_quantile = 0.5  # Adaptive clipping: share of clients whose delta fits the bound.
+  c.clip_learning_rate = 0.2  # Adaptive clipping: geometric step of the bound per round.
+  c.clip_count_noise = 0.0  # Adaptive clipping: noise std on the clipped-client count.
+  c.delta = 1e-5  # The delta of the reported (epsilon, delta).
   return c
 
 
