@@ -79,6 +79,14 @@ def data_config(participants, seq_len: int) -> ml_collections.ConfigDict:
   c.tokenizer.vocab_size = 8192  # BPE vocabulary size when training one.
   c.tokenizer.train_on = ''  # '' all training splits, one participant's name, or a source spec.
   c.tokenizer.max_bytes = 20_000_000  # Training text cap for the BPE trainer.
+  # Secret canaries (Carlini et al. 2019) in each participant's training files, for the
+  # exposure evaluation (collab/data/canaries.py). Off by default.
+  c.canaries = ml_collections.ConfigDict()
+  c.canaries.repeats = ()  # Copies per canary, one group each, e.g. (1, 10, 100); (): none.
+  c.canaries.per_repeat = 1  # Canaries per participant and repeat count.
+  c.canaries.alphabet = '0123456789abcdef'  # Secret characters (ASCII letters/digits).
+  c.canaries.length = 6  # Secret length: |R| = len(alphabet) ** length possible secrets.
+  c.canaries.seed = 1  # Seed of the secrets and of where the copies are inserted.
   return c
 
 
@@ -140,8 +148,13 @@ def federated_config() -> ml_collections.ConfigDict:
   c.server_b2 = 0.99
   c.server_eps = 1e-3  # Adaptivity (Reddi et al. 2021).
   c.prox_mu = 0.0  # FedProx proximal term; 0: plain FedAvg.
-  c.keep_client_state = True  # Keep each client's optimizer state across rounds (paper's artifact).
-  c.client_block = 0  # Clients per vmapped call; 0: all sampled clients at once.
+  # Keep each client's optimizer state across rounds (paper's artifact), on device: in
+  # force only when clients == 'participants' (thousands of finer clients would need
+  # thousands of optimizer states); finer clients start every round with a fresh one.
+  c.keep_client_state = True
+  # Clients per vmapped call (a round's memory grows with it, not with clients per round);
+  # 0: all sampled clients at once.
+  c.client_block = 0
   c.vmap = True  # Clients vmapped over a leading axis; False: the reference loop, one by one.
   c.steps_per_call = 0  # Local steps per compiled call (bounds batch memory); 0: a whole round.
   c.checkpoint_every = 1  # Rounds between checkpoints (and one at the end).
@@ -183,7 +196,7 @@ def incremental_config() -> ml_collections.ConfigDict:
 
 
 def eval_config() -> ml_collections.ConfigDict:
-  """Perplexity, pass@k and memorization (PROTOCOL: Effectiveness, Memorization)."""
+  """Perplexity, pass@k, memorization (PROTOCOL), canary exposure and membership inference."""
   c = ml_collections.ConfigDict()
   c.batch_size = 32  # Rows per compiled sampling / evaluation batch.
   c.stop_strings = ('\nclass', '\ndef', '\n#', '\n@', '\nprint', '\nif')
@@ -213,6 +226,17 @@ def eval_config() -> ml_collections.ConfigDict:
   c.memorization.unprompted_samples = 0  # Extraction protocol samples (top-k 40, T 1.0); 0: off.
   c.memorization.unprompted_top_k = 40  # Extraction protocol: top-k sampling (no stop strings).
   c.memorization.unprompted_temperature = 1.0  # Extraction protocol temperature.
+  # Canary exposure (Carlini et al. 2019), when the data has canaries (config.data.canaries).
+  c.canaries = ml_collections.ConfigDict()
+  c.canaries.enabled = True
+  # Secrets scored per canary: the exact rank when |R| - 1 <= this, else a seeded sample.
+  c.canaries.candidates = 1024
+  # Membership inference: training (member) vs validation files, loss and Min-K% scores.
+  c.membership = ml_collections.ConfigDict()
+  c.membership.enabled = True
+  c.membership.max_files = 200  # Files per participant and side (seeded sample); 0: all.
+  c.membership.min_k = 0.2  # Min-K% Prob: share of least likely tokens (Shi et al.: 20%).
+  c.membership.fpr = 0.01  # The false-positive rate the TPR is reported at.
   return c
 
 
@@ -226,6 +250,9 @@ def study_config() -> ml_collections.ConfigDict:
   c.adaptive_server_learning_rate = 0.05
   c.all_orders = True  # Incremental: every order of the participants (else the given one).
   c.seeds = (1,)  # Repeat every run per seed; tables show mean ± sd over seeds.
+  # DP-FedAvg runs: one FedAvg run per noise multiplier z (federated.dp on, uniform
+  # weighting, the rest of config.federated), named federated-dp-z{z}; 0.0 clips only.
+  c.dp_noise_multipliers = ()
   c.crossorg = True  # Cross-organization clone analysis of the participants' data.
   c.figures = True  # Write figures/ (matplotlib) beside tables/.
   return c

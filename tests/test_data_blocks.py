@@ -114,3 +114,27 @@ def test_multi_iterator_gives_one_batch_per_client_and_resumes():
   assert tokens_CxKxBxL.shape == (2, 5, 2, 3)
   resumed = blocks.MultiIterator(clients, batch_size=2, seed=5, positions=saved)
   np.testing.assert_array_equal(resumed.take(5), tokens_CxKxBxL)
+
+
+def test_padded_iterator_fills_small_sources_with_zero_weight_rows():
+  data = _numbered(3) + 1  # Rows 1, 2, 3: never zero, unlike padding.
+  with pytest.raises(ValueError, match='batch'):
+    blocks.BatchIterator(data, batch_size=5, seed=0)  # Unpadded: fewer blocks than a batch.
+  it = blocks.BatchIterator(data, batch_size=5, seed=0, pad=True)
+  assert it.steps_per_epoch == 1
+  tokens_KxBxL, weights_KxB = it.take_weighted(3)
+  assert tokens_KxBxL.shape == (3, 5, 3) and weights_KxB.shape == (3, 5)
+  np.testing.assert_array_equal(weights_KxB, [[1, 1, 1, 0, 0]] * 3)
+  for tokens_BxL in tokens_KxBxL:  # Every block once per batch, shuffled; then zeros.
+    assert sorted(tokens_BxL[:3, 0]) == [1, 2, 3] and not tokens_BxL[3:].any()
+  assert len({tuple(t[:3, 0]) for t in tokens_KxBxL}) > 1  # A fresh shuffle every epoch.
+  resumed = blocks.BatchIterator(data, 5, 0, position={'epoch': 1, 'index': 1}, pad=True)
+  np.testing.assert_array_equal(next(resumed), tokens_KxBxL[2])
+  # A source of a batch or more behaves exactly as unpadded; its rows all weigh 1.
+  full, padded = blocks.BatchIterator(_numbered(7), 3, 4), blocks.MultiIterator(
+      [_numbered(7), data], 3, 4, pad=True).iterators[0]
+  tokens, weights = padded.take_weighted(4)
+  np.testing.assert_array_equal(tokens, full.take(4))
+  assert weights.all()
+  with pytest.raises(ValueError, match='0 blocks'):
+    blocks.BatchIterator(data[:0], 5, 0, pad=True)

@@ -3,11 +3,13 @@
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +90,7 @@ def _rounds(config, train, mesh, num_rounds=2, init=None):
   state = (programs.init() if init is None else
            jax.device_put(init, parallel.shardings_of(programs.abstract_state)))
   initial = jax.device_get(state)
-  data = blocks_lib.MultiIterator([train[n] for n in plan.names], B, data_seed)
+  data = blocks_lib.MultiIterator([train[n] for n in plan.names], B, data_seed, pad=plan.pad)
   keys = jax.random.split(train_key, len(plan.names) + 1)
   metrics = []
   for r in range(num_rounds):
@@ -316,6 +318,123 @@ def test_client_axis_sharded_over_devices_equals_unsharded(vmapped_run):
   init, state, _ = vmapped_run
   _, sharded, _ = _rounds(config, _blocks(), _mesh(config, devices=4), init=init)
   _assert_close(sharded, state, atol=1e-6)
+
+
+def test_blocked_round_equals_one_block_with_padding_in_the_last(vmapped_run):
+  # 5 clients of 3, 5, 7, 3 and 5 batches with kept FedProx/AdamW states: blocks of 2
+  # (the last holds one padding client) against one block of 5. Chunks of 4 local steps
+  # and FedProx as in the test above, so the blocks of 2 reuse its compiled programs.
+  train = _blocks(sizes=(24, 40, 56, 24, 40), seed=1)
+  server = {k: vmapped_run[0][k] for k in ('step', 'params', 'opt_state')}
+  states, metrics = {}, {}
+  for block in (5, 2):
+    config = _cfg(prox_mu=0.01, client_block=block, steps_per_call=4)
+    plan = federated.make_plan(config, train, L)
+    init = {**server, 'clients': jax.tree_util.tree_map(
+        lambda x: np.broadcast_to(x, (5,) + x.shape),
+        steps.make_optimizer(config.train, plan.rounds * plan.steps_per_round).init(
+            server['params']))}
+    _, states[block], metrics[block] = _rounds(config, train, _mesh(config), num_rounds=1,
+                                               init=init)
+  _assert_close(states[2], states[5], atol=1e-6)  # Params, server and client optimizer states.
+  (a,), (b,) = metrics[2], metrics[5]
+  np.testing.assert_allclose(a['loss_sum'], b['loss_sum'], rtol=1e-6)
+  np.testing.assert_allclose(a['delta_norm'], b['delta_norm'], rtol=1e-5)
+  np.testing.assert_allclose(a['update_norm'], b['update_norm'], rtol=1e-5)
+  assert len(a['delta_norm']) == 5 and np.all(a['delta_norm'] > 0)
+  adam_counts = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+      states[2]['clients']) if jax.tree_util.keystr(p).endswith('inner_state[0].count')]
+  np.testing.assert_array_equal(adam_counts, [[3, 5, 7, 3, 5]])  # Every block's states stored.
+
+
+def test_a_client_smaller_than_a_batch_trains_on_its_blocks_alone(vmapped_run):
+  # Finer clients may hold fewer blocks than a batch: padded rows weigh 0, so one SGD step
+  # equals a centralized step on a batch of just the client's 3 blocks. Kept client
+  # optimizer states are off for finer clients.
+  config = _cfg(local_steps=1, rounds=1, clients='synthetic')
+  config.train.optimizer, config.train.warmup_steps = 'sgd', 0
+  train = {'c0': _blocks(sizes=(3,))['c0']}
+  with pytest.raises(ValueError, match='fewer training blocks'):
+    federated.make_plan(_cfg(), train, L)  # Participants must fill a batch.
+  server = {k: vmapped_run[0][k] for k in ('step', 'params', 'opt_state')}
+  init, state, metrics = _rounds(config, train, _mesh(config), num_rounds=1, init=server)
+  assert 'clients' not in state
+  model, _ = run.make_model(config, {'vocab_size': V})
+  optimizer = steps.make_optimizer(config.train, 1)
+  _, data_seed, train_key = run.seeds(config.seed)
+  params = init['params']
+  central = {'step': jnp.zeros((), jnp.int32), 'params': params,
+             'opt_state': optimizer.init(params)}
+  tokens_BxL = next(blocks_lib.BatchIterator(train['c0'], B, data_seed, pad=True))[:3]
+  central, _ = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer))(
+      central, {'tokens': tokens_BxL}, jax.random.split(train_key, 2)[0])
+  _assert_close(state['params'], central['params'], atol=1e-6)
+  np.testing.assert_array_equal(metrics[0]['tokens'], [3 * (L - 1)])
+
+
+def _fit_finer_clients(config, workdir, train, owner):
+  model, _ = run.make_model(config, {'vocab_size': V})
+  valid = {'alpha': _blocks(sizes=(16,), seed=5)['c0'], 'beta': _blocks(sizes=(16,), seed=6)['c0']}
+  return federated.fit(config, str(workdir), model, train, valid, owner=owner)
+
+
+def test_fit_with_finer_clients_dp_and_round_metrics(tmp_path, monkeypatch):
+  from collab.settings import round_metrics
+  monkeypatch.setattr(round_metrics, 'PER_CLIENT_MAX', 2)  # 5 clients count as many here.
+  # FedProx and chunks of 4 local steps, so the blocks of 2 reuse compiled programs.
+  config = _cfg(clients='synthetic', clients_per_round=3, client_block=2, rounds=2,
+                local_steps=4, steps_per_call=4, prox_mu=0.01, weighting='uniform')
+  dp = config.federated.dp
+  dp.enabled, dp.noise_multiplier, dp.clip_norm, dp.adaptive_clip = True, 0.8, 0.5, True
+  dp.clip_count_noise, dp.delta = 1.0, 1e-4
+  config.train.warmup_steps = 0  # Clients move in the first round too.
+  train = _blocks(sizes=(4, 8, 12, 16, 24), seed=2)  # c0 is smaller than a batch.
+  owner = {'c0': 'alpha', 'c1': 'beta', 'c2': 'alpha', 'c3': 'beta', 'c4': 'alpha'}
+  summary = _fit_finer_clients(config, tmp_path / 'a', train, owner)
+  rows = [r for r in _rows(tmp_path / 'a') if 'train/loss' in r]
+  assert [r['round'] for r in rows] == [1, 2]
+  z_eff = (0.8**-2 + 2.0**-2) ** -0.5
+  for r in rows:
+    assert r['clients/sampled'] == 3 and r['train/tokens'] > 0
+    assert r['clients/loss_p10'] <= r['clients/loss_p50'] <= r['clients/loss_p90'] <= (
+        r['clients/loss_max'])
+    assert 0 < r['clients/delta_norm_p50'] <= r['clients/delta_norm_max']
+    assert 'clients' not in r and not any(k.startswith('client/') for k in r)
+    direct = dp_accounting.rdp.RdpAccountant()
+    direct.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(3 / 5, dp_accounting.GaussianDpEvent(z_eff)),
+        r['round']))
+    assert r['privacy/epsilon'] == direct.get_epsilon(1e-4)
+  assert rows[1]['privacy/clip_norm'] == pytest.approx(rows[0]['privacy/next_clip_norm'])
+  privacy = summary['privacy']
+  assert privacy == {'epsilon': rows[1]['privacy/epsilon'], 'delta': 1e-4,
+                     'noise_multiplier': 0.8,
+                     'clip_norm': pytest.approx(rows[1]['privacy/next_clip_norm']),
+                     'rounds': 2, 'clients_per_round': 3, 'clients': 5, 'accountant': 'rdp'}
+  # Tokens: per participant, summed over its clients; per client in clients.json.
+  _, _, train_key = run.seeds(config.seed)
+  sample_key = jax.random.split(train_key, 6)[-1]
+  sampled = [i for r in range(2) for i in federated.sample_clients(sample_key, r, 5, 3)]
+  per_client = {f'c{i}': sampled.count(i) * 4 * min(len(train[f'c{i}']), B) * (L - 1)
+                for i in range(5)}
+  table = json.load(open(tmp_path / 'a' / 'clients.json'))['clients']
+  assert {n: c['tokens_seen'] for n, c in table.items()} == per_client
+  assert table['c0'] == {'participant': 'alpha', 'blocks': 4, 'local_steps': 4,
+                         'tokens_seen': per_client['c0']}
+  assert summary['tokens_seen_per_participant'] == {
+      p: sum(t for n, t in per_client.items() if owner[n] == p) for p in ('alpha', 'beta')}
+  assert summary['participants'] == ['alpha', 'beta'] and 'local_steps' not in summary
+  step, state = _final_state(tmp_path / 'a')
+  assert set(state) == {'step', 'params', 'opt_state', 'clip_norm'}  # No kept client states.
+  assert float(state['clip_norm']) == pytest.approx(privacy['clip_norm'])
+  # Resuming from round 1 draws the same samples, batches and DP noise: the same bits.
+  shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+  shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '2')
+  os.remove(tmp_path / 'b' / 'train.json')
+  resumed = _fit_finer_clients(config, tmp_path / 'b', train, owner)
+  assert resumed['source'] != summary['source']
+  _assert_close(_final_state(tmp_path / 'b')[1], state, atol=0)
+  assert resumed['privacy'] == privacy
 
 
 # --- Whole runs from the command line: SIGKILL and resume --------------------------------

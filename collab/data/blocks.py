@@ -7,7 +7,11 @@ dropping the partial last block. Blocks are stored as memory-mappable `.npy`.
 `BatchIterator` visits the blocks in a fresh permutation every epoch, drawn from
 (seed, epoch); an epoch is `N // B` batches of distinct blocks (the leftover blocks of
 that permutation wait for the next epoch's shuffle). Its position `{"epoch", "index"}`
-is plain JSON, and an iterator restored at a position yields the same batches.
+is plain JSON, and an iterator restored at a position yields the same batches. In padded
+mode (small federated clients) a source of fewer than B blocks makes one batch per
+epoch: its N blocks, shuffled, then B - N rows of zeros that weigh 0 (`take_weighted`).
+The blocks may be any array-like with `len()`, `.shape` and indexing by a sorted integer
+array (a memmap, or a client's view of one).
 """
 
 import os
@@ -76,20 +80,25 @@ def load_blocks(data_dir: str, participant: str, split: str) -> np.ndarray:
 
 
 class BatchIterator:
-  """Shuffled batches of blocks; `next(it) -> tokens_BxL` (int32), resumable by position."""
+  """Shuffled batches of blocks; `next(it) -> tokens_BxL` (int32), resumable by position.
+
+  With `pad`, fewer blocks than a batch are allowed: each batch holds them all, shuffled,
+  followed by zero rows; `last_weights` (weights_B, 0 for those rows) says which are real.
+  """
 
   def __init__(self, blocks_NxL: np.ndarray, batch_size: int, seed: int,
-               position: dict | None = None):
+               position: dict | None = None, pad: bool = False):
     num_blocks = len(blocks_NxL)
     if batch_size <= 0:
       raise ValueError(f'batch_size must be positive, got {batch_size}.')
-    if num_blocks < batch_size:
+    if num_blocks < batch_size and not (pad and num_blocks > 0):
       raise ValueError(f'Only {num_blocks} blocks for a batch of {batch_size}; lower the '
                        'batch size or seq_len, or add data.')
     self._blocks = blocks_NxL
     self._batch_size = batch_size
     self._seed = seed
-    self.steps_per_epoch = num_blocks // batch_size
+    self.steps_per_epoch = max(1, num_blocks // batch_size)
+    self.last_weights = None
     self._epoch, self._index, self._perm = 0, 0, None
     if position is not None:
       self.position = position
@@ -124,29 +133,40 @@ class BatchIterator:
     self._index += 1
     self.last_indices = idx_B  # Which blocks the batch holds (e.g. to count per owner).
     # Read a memmap in file order (sorted rows), then put the rows back in shuffled order.
-    sort_B = np.argsort(idx_B)
-    tokens_BxL = np.empty((len(idx_B), self._blocks.shape[1]), np.int32)
-    tokens_BxL[sort_B] = self._blocks[idx_B[sort_B]]
+    sort_R = np.argsort(idx_B)
+    rows = len(idx_B)  # < batch size only in padded mode: the rest stays zeros.
+    tokens_BxL = np.zeros((self._batch_size, self._blocks.shape[1]), np.int32)
+    tokens_BxL[sort_R] = self._blocks[idx_B[sort_R]]
+    self.last_weights = (np.arange(self._batch_size) < rows).astype(np.float32)
     return tokens_BxL
 
   def take(self, steps: int) -> np.ndarray:
     """The next `steps` batches stacked: tokens_KxBxL (e.g. one client's local steps)."""
     return np.stack([next(self) for _ in range(steps)])
 
+  def take_weighted(self, steps: int) -> tuple:
+    """(tokens_KxBxL, weights_KxB) of the next `steps` batches; padding rows weigh 0."""
+    tokens, weights = [], []
+    for _ in range(steps):
+      tokens.append(next(self))
+      weights.append(self.last_weights)
+    return np.stack(tokens), np.stack(weights)
+
 
 class MultiIterator:
   """One BatchIterator per client; `next(it) -> tokens_CxBxL`, `take(k) -> tokens_CxKxBxL`.
 
   Client c shuffles with seed `seed + c`, so clients draw independent orders and each
-  keeps its own epochs (clients may hold different numbers of blocks).
+  keeps its own epochs (clients may hold different numbers of blocks; with `pad`, fewer
+  than a batch).
   """
 
   def __init__(self, blocks_per_client: Sequence[np.ndarray], batch_size: int, seed: int,
-               positions: Sequence[dict] | None = None):
+               positions: Sequence[dict] | None = None, pad: bool = False):
     positions = positions or [None] * len(blocks_per_client)
     if len(positions) != len(blocks_per_client):
       raise ValueError(f'{len(positions)} positions for {len(blocks_per_client)} clients.')
-    self.iterators = [BatchIterator(b, batch_size, seed + c, p)
+    self.iterators = [BatchIterator(b, batch_size, seed + c, p, pad=pad)
                       for c, (b, p) in enumerate(zip(blocks_per_client, positions))]
 
   @property

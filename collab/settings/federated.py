@@ -1,32 +1,41 @@
-"""Federated training: client updates vmapped over a client axis, then a server step.
+"""Federated training: client updates vmapped over a client axis, in blocks, then a server step.
 
 A round (DESIGN.md convention 3):
-  1. sample the round's clients (all, or m seeded by the round);
-  2. every client starts from the server parameters (and its kept optimizer state) and
-     runs K local train_steps as a lax.scan (collab/settings/clients.py); the vmapped
-     path maps that over a leading client axis C, shardable over the `clients` mesh axis
-     (with data parallelism inside a client on `data`); the reference path calls the same
-     jitted single-client programs client by client (collab/settings/rounds.py);
-  3. the server turns the weighted mean delta into a pseudo-gradient for its optax
-     optimizer (collab/settings/server.py) and stores the clients' optimizer states.
+  1. sample the round's clients (all, or m of N seeded by the round);
+  2. group them into blocks of B = config.federated.client_block clients (the last one
+     padded with clients of weight 0); every client of a block starts from the server
+     parameters (and its kept optimizer state) and runs K local train_steps as a lax.scan
+     (collab/settings/clients.py); the vmapped path maps that over a leading client axis,
+     shardable over the `clients` mesh axis (with data parallelism inside a client on
+     `data`); the reference path calls the same jitted single-client programs client by
+     client (collab/settings/rounds.py);
+  3. after each block its weighted (with DP: clipped) delta sum is added to a running
+     accumulator and the block's client states are dropped, so memory is O(B), not
+     O(clients per round); after the last block the server turns the accumulator into a
+     pseudo-gradient (the weighted mean delta; with DP the noisy sum of clipped deltas over
+     m, collab/settings/dp.py) for its optax optimizer (collab/settings/server.py).
 
-Clients hold different numbers of blocks: every client runs `steps_per_round` (K_max)
-scan steps and the steps past its own data have zero weights, which leave its state
-unchanged; padding clients (to fill a block divisible by the mesh) weigh 0.
+Clients are the participants (config.federated.clients = 'participants', the paper), or
+finer units of them from `collab.data.clients.partition` (repositories, directories or a
+synthetic partition), each attributed to its participant. Clients hold different numbers
+of blocks: every client runs `steps_per_round` (K_max) scan steps and the steps past its
+own data have zero weights, which leave its state unchanged; a client smaller than one
+batch (only below 'participants') trains on batches padded with rows of weight 0.
 
 Checkpoints hold `{"step": round, "params", "opt_state": server optimizer, "clients":
-every participant's client optimizer state stacked}` plus every client's data position,
-so a killed run resumes bit-identical. `step` counts rounds, so other code reading
-`params` from a federated run's checkpoint (evaluation, init_from) needs nothing special.
+every client's optimizer state stacked, "clip_norm": the DP bound}` ('clients' only when
+kept, 'clip_norm' only with DP) plus every client's data position, so a killed run
+resumes bit-identical. `step` counts rounds, so other code reading `params` from a
+federated run's checkpoint (evaluation, init_from) needs nothing special. Round metrics
+are described in collab/settings/round_metrics.py.
 """
 
-import math
+import os
 import time
 from typing import NamedTuple
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
@@ -36,28 +45,41 @@ from collab import parallel
 from collab import steps
 from collab.data import blocks as blocks_lib
 from collab.settings import centralized
+from collab.settings import dp as dp_lib
+from collab.settings import round_metrics
 from collab.settings import rounds
 from collab.settings import run
 from collab.settings import server as server_lib
 
+CLIENTS_JSON = 'clients.json'  # Per-client sizes and tokens, when clients are not participants.
 
 
 class Plan(NamedTuple):
   """What a run does, derived from the config and the clients' data sizes."""
-  names: tuple  # Participants, in config order; a client's id is its index here.
-  steps_N: np.ndarray  # Local steps per round of each participant (K_c).
+  names: tuple  # Clients, in order; a client's id is its index here.
+  steps_N: np.ndarray  # Local steps per round of each client (K_c).
   steps_per_round: int  # K_max: scan length of a round, and the schedule's unit.
   rounds: int
   per_round: int  # Clients sampled per round (m).
-  weights_N: np.ndarray  # Aggregation weight of each participant (before normalising).
+  weights_N: np.ndarray  # Aggregation weight of each client (before normalising).
   steps_per_call: int  # Local steps per compiled call.
+  rows_N: np.ndarray  # Real rows (blocks) in each of a client's batches: min(blocks, batch).
+  keep_state: bool  # Client optimizer states kept across rounds (participants only).
+  pad: bool  # Clients smaller than a batch train on padded batches.
 
 
-def local_steps(config, num_blocks_N, num_rounds: int, per_round: int,
-                seq_len: int) -> np.ndarray:
-  """K_c per participant: a matched budget, else fixed local steps, else local epochs."""
+def local_steps(config, num_blocks_N, num_rounds: int, per_round: int, seq_len: int,
+                pad: bool = False) -> np.ndarray:
+  """K_c per client: a matched budget, else fixed local steps, else local epochs.
+
+  With `pad`, a client smaller than one batch has one (padded) batch per epoch.
+  """
   fed, batch = config.federated, config.train.batch_size
   per_epoch_N = np.asarray(num_blocks_N) // batch
+  if pad:
+    if np.any(np.asarray(num_blocks_N) == 0):
+      raise ValueError('A client holds no training blocks; its partition must drop it.')
+    per_epoch_N = np.maximum(per_epoch_N, 1)
   if np.any(per_epoch_N == 0):
     raise ValueError(f'A client has fewer training blocks ({min(num_blocks_N)}) than one batch '
                      f'of {batch}; lower config.train.batch_size or add data.')
@@ -73,24 +95,30 @@ def local_steps(config, num_blocks_N, num_rounds: int, per_round: int,
 
 
 def make_plan(config, train: dict, seq_len: int) -> Plan:
-  """Checks the federated config against the data; fails with what to change."""
+  """Checks the federated config against the clients' data; fails with what to change."""
   fed, names = config.federated, tuple(train)
   if fed.rounds < 1:
     raise ValueError(f'config.federated.rounds must be >= 1, got {fed.rounds}.')
   per_round = int(fed.clients_per_round) or len(names)
   if not 1 <= per_round <= len(names):
     raise ValueError(f'config.federated.clients_per_round={fed.clients_per_round} must be in '
-                     f'[0, {len(names)}] (0: all {len(names)} participants).')
+                     f'[0, {len(names)}] (0: all {len(names)} clients).')
+  pad = fed.clients != 'participants'
   sizes_N = np.asarray([len(train[n]) for n in names])
-  steps_N = local_steps(config, sizes_N, fed.rounds, per_round, seq_len)
+  steps_N = local_steps(config, sizes_N, fed.rounds, per_round, seq_len, pad=pad)
   if fed.weighting not in ('blocks', 'uniform'):
     raise ValueError(f"Unknown config.federated.weighting {fed.weighting!r}; use 'blocks' "
                      "or 'uniform'.")
+  dp_lib.check_config(fed)
   weights_N = sizes_N.astype(np.float32) if fed.weighting == 'blocks' else np.ones(len(names),
                                                                                    np.float32)
   k_max = int(steps_N.max())
   per_call = min(int(fed.steps_per_call) or k_max, k_max)
-  return Plan(names, steps_N, k_max, int(fed.rounds), per_round, weights_N, per_call)
+  # Per-client optimizer states would take N copies of the optimizer state on device:
+  # kept only when the clients are the (few) participants.
+  keep = bool(fed.keep_client_state) and not pad
+  return Plan(names, steps_N, k_max, int(fed.rounds), per_round, weights_N, per_call,
+              np.minimum(sizes_N, config.train.batch_size), keep, pad)
 
 
 def sample_clients(sample_key: jax.Array, round_: int, num_clients: int, per_round: int):
@@ -106,34 +134,35 @@ def _block_batches(data: blocks_lib.MultiIterator, ids_C, steps_N, first: int, c
                    shape_BxL: tuple) -> tuple:
   """tokens_CxKxBxL and weights_CxKxB of local steps [first, first + count) of each client.
 
-  Steps past a client's own K_c, and every step of a padding client (id past the end),
-  are zeros with zero weights.
+  Steps past a client's own K_c, every step of a padding client (id past the end), and
+  the padding rows of a client smaller than a batch are zeros with zero weights.
   """
   tokens = np.zeros((len(ids_C), count) + shape_BxL, np.int32)
   weights = np.zeros((len(ids_C), count, shape_BxL[0]), np.float32)
   for c, i in enumerate(ids_C):
     real = 0 if i >= len(steps_N) else int(np.clip(steps_N[i] - first, 0, count))
     if real:
-      tokens[c, :real] = data.iterators[i].take(real)
-      weights[c, :real] = 1.0
+      tokens[c, :real], weights[c, :real] = data.iterators[i].take_weighted(real)
   return tokens, weights
 
 
 def run_round(programs: rounds.Programs, plan: Plan, state: dict,
               data: blocks_lib.MultiIterator, keys_N: jax.Array, ids: np.ndarray, round_: int,
               shape_BxL: tuple) -> tuple:
-  """One round over the sampled client ids: (new server state, per-client metrics).
+  """One round over the sampled client ids, block by block: (new server state, metrics).
 
   The metrics hold, per real client in `ids` order, `loss_sum`, `tokens`, `delta_norm`,
-  and the server's `update_norm`.
+  and the server's `update_norm` (with DP also `clip_norm`, `unclipped_fraction` and,
+  adaptive, `unclipped_fraction_noisy` and `next_clip_norm`). `state` is donated.
   """
-  n = len(plan.names)
-  padded = -(-len(ids) // programs.block) * programs.block
+  n, block = len(plan.names), programs.block
+  padded = -(-len(ids) // block) * block
   ids_C = np.concatenate([ids, np.full(padded - len(ids), n)]).astype(np.int32)
   weights_C = np.where(ids_C < n, plan.weights_N[np.minimum(ids_C, n - 1)], 0.0)
-  states, sums = [], []
-  for b in range(0, padded, programs.block):
-    block_C = ids_C[b:b + programs.block]
+  acc = programs.zeros(state['params'])
+  sums, norms = [], []
+  for b in range(0, padded, block):
+    block_C = ids_C[b:b + block]
     state_C = programs.start(state['params'], state.get('clients', {}), block_C,
                              np.int32(round_))
     keys_C = keys_N[np.minimum(block_C, n - 1)]
@@ -143,36 +172,19 @@ def run_round(programs: rounds.Programs, plan: Plan, state: dict,
                                        plan.steps_per_call, shape_BxL)
       state_C, metrics_C = programs.run(state_C, tokens, weights, keys_C)
       sums.append((b, metrics_C))
-    states.append(state_C)
-  state_C = states[0] if len(states) == 1 else jax.tree_util.tree_map(
-      lambda *x: jnp.concatenate(x), *states)
-  state, server_metrics = programs.finish(state, state_C, weights_C.astype(np.float32), ids_C)
+    state, acc, norms_C = programs.accumulate(state, acc, state_C,
+                                              weights_C[b:b + block].astype(np.float32), block_C)
+    norms.append(norms_C)
+    del state_C  # The block's client states go before the next block's start.
+  state, server_metrics = programs.apply(state, acc)
   loss_C, tokens_C = np.zeros(padded), np.zeros(padded)
   for b, m in jax.device_get(sums):
-    loss_C[b:b + programs.block] += m['loss_sum']
-    tokens_C[b:b + programs.block] += m['tokens']
-  server_metrics = jax.device_get(server_metrics)
+    loss_C[b:b + block] += m['loss_sum']
+    tokens_C[b:b + block] += m['tokens']
   real = slice(0, len(ids))
+  server_metrics = {k: float(v) for k, v in jax.device_get(server_metrics).items()}
   return state, {'loss_sum': loss_C[real], 'tokens': tokens_C[real],
-                 'delta_norm': np.asarray(server_metrics['delta_norm'])[real],
-                 'update_norm': float(server_metrics['update_norm'])}
-
-
-def _round_row(plan: Plan, ids, metrics: dict, lr: float, round_: int) -> dict:
-  """The metrics.jsonl line of a round; raises naming the client whose loss is not finite."""
-  row = {'train/lr': lr, 'server/update_norm': metrics['update_norm'],
-         'clients': [plan.names[i] for i in ids]}
-  for c, i in enumerate(ids):
-    name, loss_sum, tokens = plan.names[i], metrics['loss_sum'][c], metrics['tokens'][c]
-    if not math.isfinite(loss_sum):
-      raise steps.NonFiniteLossError(
-          f'Client {name!r} has a training loss of {loss_sum} in round {round_}; lower '
-          'config.train.learning_rate, keep config.train.grad_clip > 0, or check its data.')
-    row[f'client/{name}/loss'] = loss_sum / max(tokens, 1.0)
-    row[f'client/{name}/tokens'] = int(tokens)
-    row[f'client/{name}/delta_norm'] = float(metrics['delta_norm'][c])
-  row['train/loss'] = float(np.sum(metrics['loss_sum']) / max(np.sum(metrics['tokens']), 1.0))
-  return row
+                 'delta_norm': np.concatenate(jax.device_get(norms))[real], **server_metrics}
 
 
 def _ppl_metrics(result: dict) -> dict:
@@ -191,37 +203,54 @@ def check_config(config) -> None:
 
 
 def train(config, workdir: str) -> dict:
-  """Trains config.federated over every configured participant; returns the summary."""
+  """Trains config.federated over the configured participants' clients; returns the summary."""
   run.check_config(config)
   check_config(config)
   names = run.participant_names(config)
   data = run.load_data(config, workdir, names)
   model, _ = run.make_model(config, data.manifest)
   run.write_config(workdir, config)
-  return fit(config, workdir, model, data.train, data.valid, eot_id=data.manifest['eot_id'])
+  train_blocks, owner = data.train, None
+  if config.federated.clients != 'participants':
+    from collab.data import clients as clients_data  # Only finer clients need it.
+    partition = clients_data.partition(config.federated, data.data_dir, data.train,
+                                       config.seed)
+    train_blocks, owner = partition.blocks, dict(partition.owner)
+  return fit(config, workdir, model, train_blocks, data.valid,
+             eot_id=data.manifest['eot_id'], owner=owner)
 
 
-def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0) -> dict:
-  """Runs (or resumes) the rounds; evaluates every participant; writes train.json last."""
+def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
+        owner: dict | None = None) -> dict:
+  """Runs (or resumes) the rounds; evaluates every participant; writes train.json last.
+
+  `train` maps client names to their blocks; `owner` maps each client to its participant
+  (None: the clients are the participants).
+  """
   start_time = time.time()
+  fed = config.federated
   shape_BxL = (config.train.batch_size, next(iter(train.values())).shape[1])
   plan = make_plan(config, train, shape_BxL[1])
   total_local = plan.rounds * plan.steps_per_round
   optimizer = steps.make_optimizer(config.train, total_local)
   init_key, data_seed, train_key = run.seeds(config.seed)
   programs = rounds.make_programs(config, plan, model, optimizer,
-                                  server_lib.make_server_optimizer(config.federated),
-                                  init_key, parallel.make_mesh(config.parallel))
+                                  server_lib.make_server_optimizer(fed), init_key,
+                                  parallel.make_mesh(config.parallel),
+                                  noise_key=dp_lib.noise_key(train_key))
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints,
-                                    config.federated.checkpoint_every)
+                                    fed.checkpoint_every)
   state, extra, source = checkpoint.restore_or_init(
       manager, programs.abstract_state, programs.init, config.train.init_from or None,
       import_params=run.import_params)
   start = int(jax.device_get(state['step']))
-  logging.info('%s: %s at round %d of %d (%s local steps per round).', workdir, source,
-               start, plan.rounds, dict(zip(plan.names, plan.steps_N.tolist())))
+  per_client = round_metrics.keeps_per_client(len(plan.names), fed.clients)
+  logging.info('%s: %s at round %d of %d; %d clients (%s), %d per round, local steps %s.',
+               workdir, source, start, plan.rounds, len(plan.names), fed.clients,
+               plan.per_round, dict(zip(plan.names, plan.steps_N.tolist())) if per_client
+               else f'{plan.steps_N.min()}..{plan.steps_N.max()}')
   data = blocks_lib.MultiIterator([train[n] for n in plan.names], shape_BxL[0], data_seed,
-                                  extra.get('data'))
+                                  extra.get('data'), pad=plan.pad)
   seen_N = np.asarray(extra.get('blocks_seen', [0] * len(plan.names)), np.int64)
   keys = jax.random.split(train_key, len(plan.names) + 1)  # One per client, one to sample.
   schedule = steps.make_schedule(config.train, total_local)
@@ -232,11 +261,15 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0) 
     for r in range(start, plan.rounds):
       ids = sample_clients(keys[-1], r, len(plan.names), plan.per_round)
       state, metrics = run_round(programs, plan, state, data, keys[:-1], ids, r, shape_BxL)
-      seen_N[ids] += plan.steps_N[ids] * shape_BxL[0]
+      seen_N[ids] += plan.steps_N[ids] * plan.rows_N[ids]
       # The clients' learning rate at the round's first local step.
-      row = _round_row(plan, ids, metrics, float(schedule(r * plan.steps_per_round)), r)
+      row = round_metrics.round_row(plan.names, ids, metrics,
+                                    float(schedule(r * plan.steps_per_round)), r, per_client)
+      if fed.dp.enabled:
+        row['privacy/epsilon'] = dp_lib.round_epsilon(fed.dp, r + 1, plan.per_round,
+                                                      len(plan.names))
       writer.write(r + 1, row, key='round')
-      every = config.federated.eval_every
+      every = fed.eval_every
       if every and (r + 1) % every == 0 and r + 1 < plan.rounds:
         writer.write(r + 1, _ppl_metrics(centralized.evaluate_valid(
             config, model, state['params'], valid)), key='round')
@@ -250,19 +283,29 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0) 
   final = centralized.evaluate_valid(config, model, state['params'], valid)
   writer.write(plan.rounds, _ppl_metrics(final), key='round')
   writer.close()
-  summary = {'setting': 'federated', 'participants': list(plan.names),
-             'rounds': plan.rounds, 'source': source,
-             'steps_per_round': plan.steps_per_round,
-             'local_steps': dict(zip(plan.names, plan.steps_N.tolist())),
-             'server_optimizer': config.federated.server_optimizer,
-             **_tokens_seen(plan, seen_N, shape_BxL[1]),
-             'valid': final, 'train_seconds': time.time() - start_time}
+  return _finish(config, workdir, model, eot_id, plan, state, seen_N, owner, shape_BxL[1],
+                 {'source': source, 'valid': final, 'train_seconds': time.time() - start_time},
+                 [len(train[n]) for n in plan.names])
+
+
+def _finish(config, workdir, model, eot_id, plan, state, seen_N, owner, seq_len,
+            summary: dict, sizes_N) -> dict:
+  """The run's summary (and clients.json for finer clients), then run.finish."""
+  fed = config.federated
+  per_client = round_metrics.keeps_per_client(len(plan.names), fed.clients)
+  tokens = round_metrics.tokens_seen(plan.names, seen_N, seq_len, owner)
+  summary = {'setting': 'federated', 'participants': list(tokens['tokens_seen_per_participant']),
+             'rounds': plan.rounds, 'steps_per_round': plan.steps_per_round,
+             'server_optimizer': fed.server_optimizer, 'client_granularity': fed.clients,
+             'num_clients': len(plan.names), 'clients_per_round': plan.per_round,
+             **tokens, **summary}
+  if per_client:
+    summary['local_steps'] = dict(zip(plan.names, plan.steps_N.tolist()))
+  if owner is not None:  # Per-client numbers beside train.json, not in it.
+    io.atomic_write_json(os.path.join(workdir, CLIENTS_JSON), round_metrics.clients_table(
+        plan, seen_N, seq_len, owner, sizes_N))
+  if fed.dp.enabled:
+    summary['privacy'] = dp_lib.privacy_summary(
+        fed.dp, plan.rounds, plan.per_round, len(plan.names),
+        float(jax.device_get(state['clip_norm'])))
   return run.finish(workdir, state['params'], model.config, eot_id, summary)
-
-
-def _tokens_seen(plan: Plan, blocks_seen_N: np.ndarray, seq_len: int) -> dict:
-  """Predicted tokens trained on, in all and per participant (as centralized.fit counts)."""
-  per_block = seq_len - 1
-  return {'tokens_seen': int(blocks_seen_N.sum()) * per_block,
-          'tokens_seen_per_participant': {
-              n: int(blocks_seen_N[i]) * per_block for i, n in enumerate(plan.names)}}

@@ -7,8 +7,13 @@ Optimization"): FedAvg is SGD with learning rate 1, which lands exactly on the w
 mean of the clients; FedAvgM adds server momentum; FedAdam, FedYogi and FedAdagrad adapt
 per coordinate.
 
-Client weights are raw numbers (training blocks, or 1 each); padding clients weigh 0 and
-the mean is normalised over the real clients only, so padding never changes a result.
+A round's clients come in blocks (collab/settings/rounds.py): `accumulate` adds each
+block's weighted delta sum and weight sum to a running accumulator shaped like the
+server parameters, so a round's memory does not grow with its clients; `mean_gradient`
+then divides once. Client weights are raw numbers (training blocks, or 1 each); padding
+clients weigh 0 and the mean is normalised over the real clients only, so padding never
+changes a result. With DP (collab/settings/dp.py) each delta is clipped before it is
+added, and the noisy sum is divided by the fixed number of clients per round instead.
 """
 
 from typing import Any
@@ -16,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from collab.settings import dp as dp_lib
 
 PyTree = Any
 SERVER_OPTIMIZERS = ('fedavg', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad')
@@ -43,22 +50,9 @@ def make_server_optimizer(fed_cfg) -> optax.GradientTransformation:
                    f'{SERVER_OPTIMIZERS}.')
 
 
-def normalized_weights(weights_C: jax.Array) -> jax.Array:
-  """weights_C / their sum (0 for padding clients); all zeros if no client is real."""
-  weights_C = weights_C.astype(jnp.float32)
-  return weights_C / jnp.maximum(jnp.sum(weights_C), jnp.finfo(jnp.float32).tiny)
-
-
 def client_deltas(server_params: PyTree, client_params_C: PyTree) -> PyTree:
   """server - client for every client (leading axis C): what each client moved, negated."""
   return jax.tree_util.tree_map(lambda s, c_C: s[None] - c_C, server_params, client_params_C)
-
-
-def pseudo_gradient(deltas_C: PyTree, weights_C: jax.Array) -> PyTree:
-  """The weighted mean of the client deltas (the server optimizer's 'gradient')."""
-  w_C = normalized_weights(weights_C)
-  return jax.tree_util.tree_map(lambda d_C: jnp.tensordot(w_C, d_C, axes=1).astype(d_C.dtype),
-                                deltas_C)
 
 
 def tree_norms_C(tree_C: PyTree) -> jax.Array:
@@ -68,16 +62,56 @@ def tree_norms_C(tree_C: PyTree) -> jax.Array:
   return jnp.sqrt(sum(squares))
 
 
+def zeros_accumulator(params: PyTree) -> dict:
+  """An empty round: {'sum': zeros like params, 'weight': 0, 'within': 0}."""
+  zero = jnp.zeros((), jnp.float32)
+  return {'sum': jax.tree_util.tree_map(jnp.zeros_like, params), 'weight': zero,
+          'within': zero}
+
+
+def accumulate(acc: dict, server_params: PyTree, client_params_C: PyTree,
+               weights_C: jax.Array, clip: jax.Array | None = None) -> tuple:
+  """Adds a block of C clients to the round's accumulator: (acc, delta_norm_C).
+
+  acc['sum'] += sum_c w_c s_c delta_c and acc['weight'] += sum_c w_c, with s_c = 1, or
+  with a clip bound s_c = min(1, clip / |delta_c|) and acc['within'] += the weight of the
+  clients whose |delta_c| <= clip (the adaptive bound's count). Padding clients weigh 0.
+  """
+  deltas_C = client_deltas(server_params, client_params_C)
+  norms_C = tree_norms_C(deltas_C)
+  weights_C = weights_C.astype(jnp.float32)
+  scale_C = weights_C if clip is None else weights_C * dp_lib.clip_factors(norms_C, clip)
+  within = 0.0 if clip is None else jnp.sum(jnp.where(norms_C <= clip, weights_C, 0.0))
+  total = jax.tree_util.tree_map(
+      lambda a, d_C: a + jnp.tensordot(scale_C, d_C, axes=1).astype(a.dtype),
+      acc['sum'], deltas_C)
+  return {'sum': total, 'weight': acc['weight'] + jnp.sum(weights_C),
+          'within': acc['within'] + within}, norms_C
+
+
+def mean_gradient(acc: dict) -> PyTree:
+  """The weighted mean delta of the round (the server optimizer's 'gradient')."""
+  denominator = jnp.maximum(acc['weight'], jnp.finfo(jnp.float32).tiny)
+  return jax.tree_util.tree_map(lambda s: (s / denominator).astype(s.dtype), acc['sum'])
+
+
+def apply_gradient(server: dict, grads: PyTree, *,
+                   server_optimizer: optax.GradientTransformation) -> tuple:
+  """One server optimizer step on a pseudo-gradient: (new server, {'update_norm'})."""
+  updates, opt_state = server_optimizer.update(grads, server['opt_state'], server['params'])
+  params = optax.apply_updates(server['params'], updates)
+  new = {**server, 'step': server['step'] + 1, 'params': params, 'opt_state': opt_state}
+  return new, {'update_norm': optax.tree.norm(updates)}
+
+
 def server_update(server: dict, client_params_C: PyTree, weights_C: jax.Array, *,
                   server_optimizer: optax.GradientTransformation) -> tuple:
-  """One server step: (new {'step', 'params', 'opt_state'}, metrics).
+  """A whole round in one block: (new {'step', 'params', 'opt_state'}, metrics).
 
   Metrics: `delta_norm` [C] (each client's distance from the server parameters) and
   `update_norm` (how far the server parameters moved).
   """
-  deltas_C = client_deltas(server['params'], client_params_C)
-  grads = pseudo_gradient(deltas_C, weights_C)
-  updates, opt_state = server_optimizer.update(grads, server['opt_state'], server['params'])
-  params = optax.apply_updates(server['params'], updates)
-  new = {**server, 'step': server['step'] + 1, 'params': params, 'opt_state': opt_state}
-  return new, {'delta_norm': tree_norms_C(deltas_C), 'update_norm': optax.tree.norm(updates)}
+  acc, norms_C = accumulate(zeros_accumulator(server['params']), server['params'],
+                            client_params_C, weights_C)
+  new, metrics = apply_gradient(server, mean_gradient(acc), server_optimizer=server_optimizer)
+  return new, {'delta_norm': norms_C, **metrics}
