@@ -21,7 +21,7 @@ from absl import logging
 
 from bench import record
 
-BENCHES = ('train_step', 'sampling', 'federated', 'sandbox', 'clones')
+BENCHES = ('train_step', 'sampling', 'federated', 'many_clients', 'sandbox', 'clones')
 NEEDS_TORCH = ('train_step', 'sampling')  # Their peers are transformers on PyTorch.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
