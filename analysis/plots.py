@@ -3,8 +3,10 @@ r"""The study's figures (matplotlib PNG), from results.json and metrics.jsonl fi
   python -m analysis.plots --workdir=runs/default
 
 Writes WORKDIR/figures/: memorization.png (ratio by setting and participant),
-incremental_orders.png (heat maps over orders), loss_curves.png (training loss per run)
-and forgetting.png (perplexity of every participant over incremental stages).
+incremental_orders.png (heat maps over orders), loss_curves.png (training loss per run),
+forgetting.png (perplexity of every participant over incremental stages) and, when the
+study has DP-FedAvg runs, privacy_utility.png (noise multiplier against perplexity and
+canary exposure, ε beside each point).
 """
 
 import json
@@ -140,6 +142,82 @@ def forgetting(runs, path: str) -> str | None:
   return _save(fig, path)
 
 
+def _dp_points(runs) -> list:
+  """(noise multiplier, ε text, [runs over seeds]) of every DP run, by noise multiplier."""
+  groups = tables.group_seeds(runs)
+  dp = [(tables.noise_multiplier(g[0]), tables.fmt_epsilon(g), g) for g in groups.values()
+        if tables.noise_multiplier(g[0]) is not None]
+  return sorted(dp, key=lambda t: t[0])
+
+
+PPL_CAP = 1e5  # Perplexities above this (a model the noise destroyed) sit on the top edge.
+CHANCE_EXPOSURE = 1 / np.log(2)  # E[log2|R| - log2 rank] for a uniformly random rank.
+
+
+def _utility_panel(ax, dp, plain, mean) -> None:
+  """Pooled perplexity against z (log scale, capped), ε beside each point."""
+  xs = [z for z, _, _ in dp]
+  ppl = [mean(g, lambda r: r['perplexity'].get('pooled')) for _, _, g in dp]
+  shown = [np.nan if y is None else min(y, PPL_CAP) for y in ppl]
+  ax.plot(xs, shown, marker='o', color='k', label='DP-FedAvg')
+  for (z, eps, _), y, y_shown in zip(dp, ppl, shown):
+    if y is not None:
+      label = f'ε={eps}' + (f'\nppl {y:.1e}' if y > PPL_CAP else '')
+      ax.annotate(label, (z, y_shown), textcoords='offset points', xytext=(-4, 6),
+                  ha='right', fontsize=7)
+  for (name, g), color in zip(plain, plt.cm.tab10.colors):
+    y = mean(g, lambda r: r['perplexity'].get('pooled'))
+    if y is not None:
+      ax.axhline(min(y, PPL_CAP), linestyle='--', color=color, linewidth=1, label=name)
+  ax.set_yscale('log')
+  ax.set_ylabel(f'validation perplexity (pooled; capped at {PPL_CAP:.0e})')
+  ax.set_title('Utility')
+
+
+def _exposure_panel(ax, dp, plain, mean, counts) -> None:
+  """Mean exposure per repeat count against z; dashed: federated runs without DP."""
+  xs = [z for z, _, _ in dp]
+  for n, color in zip(counts, plt.cm.viridis(np.linspace(0, 0.9, max(len(counts), 1)))):
+    ys = [mean(g, lambda r, n=n: tables.exposure_of(r, n)) for _, _, g in dp]
+    ax.plot(xs, [np.nan if y is None else y for y in ys], marker='o', color=color,
+            label=f'{n}x')
+    for name, g in plain:
+      y = mean(g, lambda r, n=n: tables.exposure_of(r, n))
+      if y is not None and name.startswith('federated'):
+        ax.axhline(y, linestyle='--', color=color, linewidth=1)
+  ax.axhline(CHANCE_EXPOSURE, linestyle=':', color='gray', linewidth=1, label='chance')
+  ax.set_ylabel('canary exposure (bits)')
+  ax.set_title('Exposure by repeat count (dashed: FedAvg, no DP)')
+
+
+def privacy_utility(runs, path: str) -> str | None:
+  """Noise multiplier against pooled perplexity and canary exposure (per repeat count).
+
+  Runs without DP are dashed horizontal references; each DP point is labelled with ε.
+  The z axis is linear near 0 and logarithmic above the smallest positive z (symlog), so
+  a grid such as 0, 0.003, ..., 1 is readable.
+  """
+  dp = _dp_points(runs)
+  if not dp:
+    return None
+  plain = [(n, g) for n, g in tables.group_seeds(runs).items()
+           if tables.noise_multiplier(g[0]) is None]
+  mean = lambda group, get: tables._mean([get(r) for r in group])  # noqa: E731
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  _utility_panel(axes[0], dp, plain, mean)
+  _exposure_panel(axes[1], dp, plain, mean, tables._repeat_counts(runs))
+  positive = [z for z, _, _ in dp if z > 0]
+  for ax in axes:
+    if positive:
+      ax.set_xscale('symlog', linthresh=min(positive))
+      ax.set_xlim(-0.2 * min(positive), 1.5 * max(positive))
+    ax.set_xlabel('noise multiplier z')
+    ax.legend(fontsize=7)
+  fig.suptitle('Privacy–utility trade-off of DP-FedAvg')
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def write_figures(workdir: str) -> list:
   """Writes every figure the results allow; returns their paths."""
   runs = tables.load_results(workdir)
@@ -148,7 +226,8 @@ def write_figures(workdir: str) -> list:
   made = [memorization_bars(runs, os.path.join(out, 'memorization.png')),
           incremental_heatmap(runs, os.path.join(out, 'incremental_orders.png')),
           loss_curves(workdir, runs, os.path.join(out, 'loss_curves.png')),
-          forgetting(runs, os.path.join(out, 'forgetting.png'))]
+          forgetting(runs, os.path.join(out, 'forgetting.png')),
+          privacy_utility(runs, os.path.join(out, 'privacy_utility.png'))]
   return [p for p in made if p]
 
 

@@ -4,8 +4,10 @@ r"""The study's tables, as Markdown and LaTeX, from results.json files only.
 
 Reads WORKDIR/*/results.json (one per run) and WORKDIR/summary.json (the study-wide
 cross-organization analysis), writes WORKDIR/tables/{name}.md and {name}.tex, and prints
-the Markdown. Runs repeated over seeds (`name@seedN`) are shown as mean ± standard
-deviation. The same results give the same bytes.
+the Markdown. The privacy tables (privacy, canaries, membership) appear only when some run
+has a DP budget, canary exposure or membership inference in its results. Runs repeated
+over seeds (`name@seedN`) are shown as mean ± standard deviation. The same results give
+the same bytes.
 """
 
 import json
@@ -64,9 +66,11 @@ def fmt(values: Sequence, digits: int = 2, percent: bool = False) -> str:
     return '–'
   scale = 100.0 if percent else 1.0
   mean = statistics.fmean(values) * scale
-  text = f'{mean:.{digits}f}'
+  # A diverged model's perplexity (1e298) in scientific notation rather than 300 digits.
+  style = 'e' if math.isfinite(mean) and abs(mean) >= 1e6 else 'f'
+  text = f'{mean:.{digits}{style}}'
   if len(values) > 1:
-    text += f' ± {statistics.stdev(values) * scale:.{digits}f}'
+    text += f' ± {statistics.stdev(values) * scale:.{digits}{style}}'
   return text
 
 
@@ -189,6 +193,147 @@ def crossorg(runs: Sequence[dict], summary: dict) -> tuple:
   return 'Cross-organization clones', header, rows
 
 
+# ---- Privacy (DP budget, canary exposure, membership inference) --------------------------
+
+def _mean(values):
+  values = [v for v in values if v is not None]
+  return statistics.fmean(values) if values else None
+
+
+def _trained(run: dict) -> list:
+  """The participants a run trained on (exposure and MIA are averaged over these)."""
+  return list(run.get('participants') or _participants([run]))
+
+
+def noise_multiplier(run: dict):
+  return (run.get('privacy') or {}).get('noise_multiplier')
+
+
+def exposure_of(run: dict, repeats: int, participant: str | None = None):
+  """Mean canary exposure at a repeat count: of one participant, or of those trained on."""
+  parts = ((run.get('canaries') or {}).get('participants') or {})
+  names = [participant] if participant else _trained(run)
+  return _mean([((parts.get(p) or {}).get('by_repeats') or {}).get(str(repeats))
+                for p in names])
+
+
+def mia_of(run: dict, score: str, key: str = 'auroc', participant: str | None = None):
+  """A membership-inference number: of one participant, or the mean over those trained on."""
+  parts = ((run.get('membership') or {}).get('participants') or {})
+  names = [participant] if participant else _trained(run)
+  return _mean([((parts.get(p) or {}).get(score) or {}).get(key) for p in names])
+
+
+def memorization_ratio(run: dict):
+  """The memorization ratio averaged over the participants the run trained on."""
+  return _mean([_mem(run, p, 'ratio') for p in _trained(run)])
+
+
+def _repeat_counts(runs: Sequence[dict]) -> list:
+  counts = set()
+  for r in runs:
+    counts.update(int(n) for n in ((r.get('canaries') or {}).get('by_repeats') or {}))
+  return sorted(counts)
+
+
+def fmt_epsilon(group: Sequence[dict]) -> str:
+  """ε of a DP run ('∞' when its accountant gives no finite bound); '–' without DP."""
+  blocks = [g.get('privacy') for g in group if g.get('privacy')]
+  if not blocks:
+    return '–'
+  eps = [b.get('epsilon') for b in blocks]
+  if any(e is None or math.isinf(e) for e in eps):
+    return '∞'
+  mean = statistics.fmean(eps)  # The same for every seed: it depends on the config only.
+  return f'{mean:.2e}' if mean >= 1000 else f'{mean:.2f}'
+
+
+def fmt_noise(group: Sequence[dict]) -> str:
+  """The noise multiplier as configured (0.001 stays 0.001); '–' without DP."""
+  z = noise_multiplier(group[0])
+  return '–' if z is None else f'{z:g}'
+
+
+def _privacy_order(groups: dict) -> list:
+  """Runs without DP first (in their order), then DP runs by noise multiplier."""
+  plain = [n for n, g in groups.items() if noise_multiplier(g[0]) is None]
+  dp = sorted((n for n, g in groups.items() if noise_multiplier(g[0]) is not None),
+              key=lambda n: (noise_multiplier(groups[n][0]), n))
+  return plain + dp
+
+
+def privacy(runs: Sequence[dict]) -> tuple:
+  """Per run: noise multiplier, ε, perplexity, memorization, exposure and MIA AUROC."""
+  counts, groups = _repeat_counts(runs), group_seeds(runs)
+  header = (['run', 'noise multiplier', 'ε', 'ppl pooled', 'mem ratio %'] +
+            [f'exposure {n}x' for n in counts] + ['MIA AUROC loss', 'MIA AUROC min-k'])
+  rows = []
+  for name in _privacy_order(groups):
+    group = groups[name]
+    rows.append([name, fmt_noise(group), fmt_epsilon(group),
+                 fmt([g['perplexity'].get('pooled') for g in group]),
+                 fmt([memorization_ratio(g) for g in group], 1, percent=True)] +
+                [fmt([exposure_of(g, n) for g in group]) for n in counts] +
+                [fmt([mia_of(g, s) for g in group], 3) for s in ('loss', 'min_k')])
+  return ('Privacy and utility (exposure in bits and MIA AUROC: means over the '
+          'participants each run trained on)', header, rows)
+
+
+def canaries(runs: Sequence[dict]) -> tuple:
+  """Mean exposure per run, participant and repeat count."""
+  counts = _repeat_counts(runs)
+  space = next((r['canaries'].get('log2_space') for r in runs if r.get('canaries')), None)
+  header = ['run', 'participant', 'trained on'] + [f'exposure {n}x' for n in counts]
+  rows, groups = [], group_seeds(runs)
+  for name in _privacy_order(groups):
+    group = groups[name]
+    if not group[0].get('canaries'):
+      continue
+    for p in group[0]['canaries']['participants']:
+      rows.append([name, p, 'yes' if p in _trained(group[0]) else 'no'] +
+                  [fmt([exposure_of(g, n, p) for g in group]) for n in counts])
+  return (f'Canary exposure in bits (max log2|R| = {space:.1f})', header, rows)
+
+
+def membership(runs: Sequence[dict]) -> tuple:
+  """AUROC and TPR at the configured FPR per run, participant and score."""
+  fpr = next(r['membership']['settings']['fpr'] for r in runs if r.get('membership'))
+  tpr = f'TPR@{100 * fpr:g}%FPR %'
+  header = ['run', 'participant', 'trained on', 'members / non-members', 'AUROC loss',
+            f'{tpr} loss', 'AUROC min-k', f'{tpr} min-k']
+  rows, groups = [], group_seeds(runs)
+  for name in _privacy_order(groups):
+    group = groups[name]
+    parts = (group[0].get('membership') or {}).get('participants') or {}
+    for p, m in parts.items():
+      if not m:
+        continue
+      rows.append([name, p, 'yes' if p in _trained(group[0]) else 'no',
+                   f"{m['members']} / {m['nonmembers']}"] + [
+          fmt([mia_of(g, s, k, p) for g in group], *spec) for s in ('loss', 'min_k')
+          for k, spec in (('auroc', (3,)), ('tpr_at_fpr', (1, True)))])
+  return ('Membership inference: training vs validation files', header, rows)
+
+
+def leaking_clients(runs: Sequence[dict], top: int = 10) -> tuple:
+  """The clients (repositories, folders or shards) whose code each run gives back most."""
+  header = ['run', 'client', 'participant', 'blocks', 'files', 'memorized spans',
+            'memorized lines', 'samples', 'exclusive spans', 'duplication %']
+  rows, granularity = [], ''
+  for run in runs:
+    block = (run.get('memorization') or {}).get('clients')
+    if not block:
+      continue
+    granularity = block['granularity']
+    rows += [[run['run'], c['client'], c['participant']] + [
+        fmt([c[k]], 0) for k in ('blocks', 'files', 'memorized_spans', 'memorized_lines',
+                                 'memorized_samples', 'exclusive_spans')] + [
+        fmt([c['duplication']], 1, percent=True)] for c in block['clients'][:top]]
+    if not block['clients']:
+      rows.append([run['run'], f"(none of {block['num_clients']} clients)"] + ['–'] * 8)
+  return (f'Clients that leak most ({granularity}; top {top} per run)', header, rows)
+
+
 def all_tables(runs: Sequence[dict], summary: dict) -> dict:
   """name -> (title, header, rows), in the order they are printed."""
   tables = {'effectiveness': effectiveness(runs), 'memorization': memorization(runs)}
@@ -196,6 +341,15 @@ def all_tables(runs: Sequence[dict], summary: dict) -> dict:
     tables['incremental'] = incremental(runs)
   if summary.get('crossorg'):
     tables['crossorg'] = crossorg(runs, summary)
+  # Privacy tables only where a run has something to show: older results stay as they were.
+  if any(r.get(k) for r in runs for k in ('privacy', 'canaries', 'membership')):
+    tables['privacy'] = privacy(runs)
+  if any(r.get('canaries') for r in runs):
+    tables['canaries'] = canaries(runs)
+  if any(r.get('membership') for r in runs):
+    tables['membership'] = membership(runs)
+  if any((r.get('memorization') or {}).get('clients') for r in runs):
+    tables['clients'] = leaking_clients(runs)
   return tables
 
 

@@ -1,8 +1,10 @@
-"""Evaluates a finished run into WORKDIR/results.json: perplexity, pass@k, memorization.
+"""Evaluates a finished run into WORKDIR/results.json: perplexity, pass@k, memorization,
+and the privacy audits: canary exposure, membership inference and the DP budget.
 
 Every setting ends by exporting its final model to WORKDIR/final (a Hugging Face GPT-2
 folder, see collab.settings.run.finish), so evaluation is the same for all of them.
-Each part is written to its own file as it finishes (passk/passk.json, memorization/...)
+Each part is written to its own file as it finishes (passk/result.json, memorization/...,
+canaries/result.json, membership/result.json)
 and skipped when present, so an interrupted evaluation resumes where it stopped.
 """
 
@@ -15,10 +17,15 @@ import numpy as np
 from collab import hf
 from collab import io
 from collab.data import blocks as blocks_lib
+from collab.data import canaries as canaries_lib
 from collab.data import tokenizer as tokenizer_lib
+from collab.evals import client_memorization
+from collab.evals import exposure
 from collab.evals import memorization
+from collab.evals import membership
 from collab.evals import passk
 from collab.evals import sampling
+from collab.evals import scoring
 from collab.evals import stats
 from collab.settings import run
 
@@ -120,8 +127,47 @@ def _memorization(config, workdir: str, out_dir: str, params, model_config,
                                     seed=int(config.seed))
   result['prompts'] = prompt_counts
   result['settings'] = cfg.to_dict()
+  if config.federated.clients != 'participants':  # Which repositories/folders leak.
+    result['clients'] = client_memorization.client_memorization(
+        config.federated, data_dir, rows, indexes['train'], int(config.seed))
   io.write_jsonl(os.path.join(out_dir, 'memorized.jsonl'), rows)
   return result
+
+
+def _lazy(make):
+  """make() on first call, then the same object: compile the scorer only if needed."""
+  made = []
+
+  def get(*args):
+    if not made:
+      made.append(make())
+    return made[0](*args)
+  return get
+
+
+def evaluate_canaries(config, workdir: str, tokenizer, score) -> dict | None:
+  """Exposure of every participant's canaries; cached in WORKDIR/canaries/result.json.
+
+  None when switched off or when the data folder has no canaries.
+  """
+  meta = canaries_lib.load(run.data_dir_of(config, workdir))
+  if not config.eval.canaries.enabled or meta is None:
+    return None
+  return _cached(os.path.join(workdir, 'canaries', 'result.json'), lambda: exposure.evaluate(
+      score, tokenizer_lib.make_encoder(tokenizer), tokenizer_lib.eot_id(tokenizer), meta,
+      candidates=int(config.eval.canaries.candidates), seed=int(config.seed)))
+
+
+def evaluate_membership(config, workdir: str, tokenizer, score, seq_len: int) -> dict | None:
+  """Loss and Min-K% membership inference per participant; cached in WORKDIR/membership/."""
+  cfg = config.eval.membership
+  if not cfg.enabled:
+    return None
+  return _cached(os.path.join(workdir, 'membership', 'result.json'), lambda: membership.evaluate(
+      score, tokenizer_lib.make_encoder(tokenizer), tokenizer_lib.eot_id(tokenizer),
+      run.data_dir_of(config, workdir), run.participant_names(config),
+      max_files=int(cfg.max_files), seq_len=seq_len, k=float(cfg.min_k), fpr=float(cfg.fpr),
+      seed=int(config.seed)))
 
 
 def evaluate_run(config, workdir: str) -> dict:
@@ -129,7 +175,7 @@ def evaluate_run(config, workdir: str) -> dict:
   start = time.time()
   params, model_config, summary = load_final(workdir)
   data_dir = run.data_dir_of(config, workdir)
-  blocks_lib.load_manifest(data_dir)  # A clear error when the data folder is gone.
+  manifest = blocks_lib.load_manifest(data_dir)  # A clear error when the data is gone.
   tokenizer = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer'))
   results = {
       'run': os.path.basename(os.path.abspath(workdir)),
@@ -147,7 +193,13 @@ def evaluate_run(config, workdir: str) -> dict:
       'memorization': evaluate_memorization(config, workdir, params, model_config,
                                             tokenizer),
       'train_seconds': summary.get('train_seconds'),
+      # DP-FedAvg's budget as training reported it (epsilon None: no finite guarantee).
+      'privacy': summary.get('privacy'),
   }
+  score = _lazy(lambda: scoring.make_scorer(params, model_config, int(config.eval.batch_size)))
+  results['canaries'] = evaluate_canaries(config, workdir, tokenizer, score)
+  results['membership'] = evaluate_membership(
+      config, workdir, tokenizer, score, min(int(manifest['seq_len']), model_config.max_len))
   results['evaluate_seconds'] = time.time() - start
   io.atomic_write_json(os.path.join(workdir, RESULTS_JSON), results)
   return results

@@ -1,11 +1,11 @@
 """A study: one config expanded into runs, run where missing, evaluated, summarized.
 
 A study folder holds `data/` (built once), one folder per run (`single-NAME`,
-`centralized`, `federated-OPT`, `incremental-A-B-C`, with `@seedN` when several seeds
-are asked for), `stages/` (incremental stages, shared by the orders that begin alike),
-`summary.json` and, from analysis, `tables/` and `figures/`. Every step skips what is
-already done, so a study interrupted anywhere resumes, and a finished one re-prints its
-tables in seconds.
+`centralized`, `federated-OPT`, `federated-dp-zZ` (DP-FedAvg at noise multiplier Z),
+`incremental-A-B-C`, with `@seedN` when several seeds are asked for), `stages/`
+(incremental stages, shared by the orders that begin alike), `summary.json` and, from
+analysis, `tables/` and `figures/`. Every step skips what is already done, so a study
+interrupted anywhere resumes, and a finished one re-prints its tables in seconds.
 """
 
 import itertools
@@ -51,6 +51,7 @@ def expand(config) -> list:
                                          'federated.server_optimizer': o,
                                          **(adaptive if o in ADAPTIVE else {})})
               for o in study.server_optimizers]
+  specs += [dp_spec(z) for z in study.get('dp_noise_multipliers', ())]
   if 'incremental' in study.settings:
     orders = itertools.permutations(names) if study.all_orders else [tuple(names)]
     specs += [RunSpec('incremental-' + '-'.join(o), {
@@ -60,6 +61,19 @@ def expand(config) -> list:
     specs = [RunSpec(f'{s.name}@seed{seed}', {**s.overrides, 'seed': seed})
              for seed in study.seeds for s in specs]
   return specs
+
+
+def dp_spec(noise_multiplier: float) -> RunSpec:
+  """A DP-FedAvg run: FedAvg with client clipping and Gaussian noise (uniform weights,
+  which DP-FedAvg's sensitivity bound needs)."""
+  z = float(noise_multiplier)
+  if z < 0:
+    raise ValueError(f'config.study.dp_noise_multipliers has {z}; noise multipliers must be '
+                     '>= 0 (0.0: clipping only).')
+  return RunSpec(f'federated-dp-z{z}', {
+      'setting': 'federated', 'federated.server_optimizer': 'fedavg',
+      'federated.weighting': 'uniform', 'federated.dp.enabled': True,
+      'federated.dp.noise_multiplier': z})
 
 
 def run_config(config, spec: RunSpec, workdir: str):

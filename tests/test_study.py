@@ -119,3 +119,98 @@ def test_seeds_repeat_every_run_and_tables_report_mean_and_spread(tmp_path):
            'perplexity': {'a': ppl, 'pooled': ppl}} for i, ppl in ((1, 10.0), (2, 14.0))]
   _, _, rows = tables.effectiveness(runs)
   assert rows == [['centralized', 'centralized', '12.00 ± 2.83', '12.00 ± 2.83']]
+
+
+# ---- Privacy: DP runs in the study, privacy tables and figure from results only ------------
+
+def test_dp_noise_multipliers_add_one_dp_fedavg_run_each(tmp_path):
+  config = micro_study_config(str(tmp_path))
+  config.study.settings = ('centralized', 'federated')
+  config.study.server_optimizers = ('fedavg',)
+  config.study.dp_noise_multipliers = (0.0, 1.0)
+  specs = study.expand(config)
+  assert [s.name for s in specs] == ['centralized', 'federated-fedavg', 'federated-dp-z0.0',
+                                     'federated-dp-z1.0']
+  assert specs[3].overrides == {
+      'setting': 'federated', 'federated.server_optimizer': 'fedavg',
+      'federated.weighting': 'uniform', 'federated.dp.enabled': True,
+      'federated.dp.noise_multiplier': 1.0}
+  cfg = study.run_config(config, specs[3], str(tmp_path / 'study'))
+  assert cfg.federated.dp.enabled and cfg.federated.weighting == 'uniform'
+  assert not config.federated.dp.enabled  # The study's own config is untouched.
+  config.study.dp_noise_multipliers = (-1.0,)
+  with pytest.raises(ValueError, match='dp_noise_multipliers'):
+    study.expand(config)
+
+
+def _privacy_runs():
+  """Synthetic results.json contents: two plain runs and DP runs at z = 2, 0.5 and 0."""
+  def run(name, ppl, exposure, auroc, privacy=None):
+    by = {'1': exposure / 4, '10': exposure / 2, '100': exposure}
+    return {
+        'run': name, 'setting': 'federated' if 'fed' in name else 'centralized',
+        'participants': ['a', 'b'], 'perplexity': {'a': ppl, 'b': ppl, 'pooled': ppl},
+        'memorization': {'participants': {p: {'samples': 4, 'ratio': 0.25} for p in 'ab'}},
+        'privacy': privacy,
+        'canaries': {'log2_space': 16.0, 'by_repeats': by, 'participants': {
+            p: {'by_repeats': by} for p in 'abc'}},
+        'membership': {'settings': {'fpr': 0.01}, 'participants': {p: {
+            'members': 5, 'nonmembers': 4, 'loss': {'auroc': auroc, 'tpr_at_fpr': 0.2},
+            'min_k': {'auroc': auroc - 0.1, 'tpr_at_fpr': 0.0}} for p in 'ab'}}}
+
+  def dp(z, eps):
+    return {'epsilon': eps, 'delta': 1e-5, 'noise_multiplier': z, 'clip_norm': 1.0,
+            'rounds': 4, 'clients_per_round': 3, 'clients': 3, 'accountant': 'rdp'}
+  return [run('centralized', 10.0, 12.0, 0.9), run('federated-fedavg', 11.0, 10.0, 0.8),
+          run('federated-dp-z2.0', 40.0, 1.0, 0.5, dp(2.0, 3.5)),
+          run('federated-dp-z0.5', 30.0, 4.0, 0.6, dp(0.5, 80.0)),
+          run('federated-dp-z0.0', 12.0, 9.0, 0.7, dp(0.0, None))]
+
+
+def test_privacy_tables_from_results():
+  runs = _privacy_runs()
+  _, header, rows = tables.privacy(runs)
+  assert header == ['run', 'noise multiplier', 'ε', 'ppl pooled', 'mem ratio %',
+                    'exposure 1x', 'exposure 10x', 'exposure 100x', 'MIA AUROC loss',
+                    'MIA AUROC min-k']
+  assert [r[0] for r in rows] == ['centralized', 'federated-fedavg', 'federated-dp-z0.0',
+                                  'federated-dp-z0.5', 'federated-dp-z2.0']
+  assert rows[0][1:3] == ['–', '–'] and rows[2][1:3] == ['0', '∞']
+  assert rows[3][1:3] == ['0.5', '80.00']
+  assert tables.fmt([1.34e298]) == '1.34e+298'  # A model the noise destroyed.
+  assert rows[4] == ['federated-dp-z2.0', '2', '3.50', '40.00', '25.0', '0.25', '0.50',
+                     '1.00', '0.500', '0.400']
+  _, header, rows = tables.canaries(runs)
+  assert header[-3:] == ['exposure 1x', 'exposure 10x', 'exposure 100x']
+  assert rows[2] == ['centralized', 'c', 'no', '3.00', '6.00', '12.00']  # Not trained on.
+  _, header, rows = tables.membership(runs)
+  assert header[5] == 'TPR@1%FPR % loss'
+  assert rows[0] == ['centralized', 'a', 'yes', '5 / 4', '0.900', '20.0', '0.800', '0.0']
+  assert set(tables.all_tables(runs, {})) == {'effectiveness', 'memorization', 'privacy',
+                                              'canaries', 'membership'}
+
+
+def test_existing_tables_are_unchanged_by_privacy_results():
+  runs = _privacy_runs()
+  bare = [{k: v for k, v in r.items() if k not in ('privacy', 'canaries', 'membership')}
+          for r in runs]
+  with_privacy, without = tables.all_tables(runs, {}), tables.all_tables(bare, {})
+  assert set(without) == {'effectiveness', 'memorization'}
+  for name, (title, header, rows) in without.items():
+    assert tables.markdown(title, header, rows) == tables.markdown(*with_privacy[name])
+    assert tables.latex(title, header, rows) == tables.latex(*with_privacy[name])
+
+
+def test_privacy_figure_is_drawn_only_with_dp_runs(tmp_path):
+  runs = _privacy_runs()
+  for r in runs:
+    os.makedirs(tmp_path / r['run'])
+    with open(tmp_path / r['run'] / 'results.json', 'w') as f:
+      json.dump(r, f)
+  made = {os.path.basename(p) for p in plots.write_figures(str(tmp_path))}
+  assert 'privacy_utility.png' in made
+  first = open(tmp_path / 'figures' / 'privacy_utility.png', 'rb').read()
+  plots.write_figures(str(tmp_path))
+  assert open(tmp_path / 'figures' / 'privacy_utility.png', 'rb').read() == first
+  no_dp = [r for r in runs if not r['privacy']]
+  assert plots.privacy_utility(no_dp, str(tmp_path / 'x.png')) is None
