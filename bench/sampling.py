@@ -8,7 +8,7 @@ then `repeats` timed runs; the best is reported. Also reports how many rows prod
 identical tokens on both sides, a check that the two run the same model.
 
   python -m bench.sampling [--sizes=tiny,small] [--batch=8] [--prompt_len=64]
-      [--new_tokens=128] [--repeats=5] [--torch_device=cpu] [--record=FILE]
+      [--new_tokens=128] [--repeats=10] [--torch_device=cpu] [--record=FILE]
 """
 
 import json
@@ -34,7 +34,7 @@ _VOCAB = flags.DEFINE_integer('vocab', 8192, 'Vocabulary size (the default BPE s
 _BATCH = flags.DEFINE_integer('batch', 8, 'Prompts per batch (both sides).')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'Tokens per prompt.')
 _NEW = flags.DEFINE_integer('new_tokens', 128, 'New tokens per row (min = max).')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per side; the best counts.')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per side; the best counts.')
 _TORCH_DEVICE = flags.DEFINE_string('torch_device', 'cpu', "transformers' device: cpu or cuda.")
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the weights and prompts.')
 _RECORD = record.define_flag()

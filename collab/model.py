@@ -217,7 +217,7 @@ class GPT2(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, *, positions_BxL=None, cache: Optional[Cache] = None,
-               deterministic: bool = True):
+               deterministic: bool = True, unembed_DxV=None):
     """Logits for every position.
 
     Without a cache returns logits_BxLxV (float32), causal within the L tokens. With a
@@ -226,6 +226,10 @@ class GPT2(nn.Module):
     Positions default to 0..L-1. A token outside the vocabulary or a position at or
     past max_len turns its row's logits to NaN (a query past the cache length: that
     query's logits), rather than a silently wrong value.
+
+    `unembed_DxV`, if given, must be the `wte` parameter transposed: decoding loops
+    transpose it once, because XLA's CPU matmul reads a [D, V] matrix faster than the
+    [V, D] one at the few rows of a decoding step.
     """
     cfg = self.config
     dt = cfg.compute_dtype
@@ -250,16 +254,20 @@ class GPT2(nn.Module):
       x_BxLxD, layer_cache = Block(cfg, name=f'h_{i}')(
           x_BxLxD, positions_BxL, None if cache is None else cache[i], deterministic)
       new_cache.append(layer_cache)
+    if cache is not None:
+      T = cache[0]['k'].shape[2]
+      # A query past the cache would have attended to a cache missing its own key; NaN
+      # here (D wide, not V) turns all of its logits to NaN.
+      x_BxLxD = jnp.where((positions_BxL < T)[:, :, None], x_BxLxD, jnp.nan)
     x_BxLxD = _layer_norm(cfg, 'ln_f')(x_BxLxD)
-    logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, wte_VxD.astype(dt),
-                              preferred_element_type=jnp.float32)
+    if unembed_DxV is None:
+      logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, wte_VxD.astype(dt),
+                                preferred_element_type=jnp.float32)
+    else:
+      logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, unembed_DxV.astype(dt),
+                                preferred_element_type=jnp.float32)
     logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'vocab'))
-    if cache is None:
-      return logits_BxLxV
-    T = cache[0]['k'].shape[2]
-    # A query past the cache would have attended to a cache missing its own key.
-    logits_BxLxV = jnp.where((positions_BxL < T)[:, :, None], logits_BxLxV, jnp.nan)
-    return logits_BxLxV, new_cache
+    return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:

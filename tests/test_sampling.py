@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from collab import model as model_lib
+from collab.evals import processors
 from collab.evals import sampling
 
 CFG = model_lib.ModelConfig(vocab_size=97, num_layers=2, num_heads=4, d_model=32, d_ff=128,
@@ -15,15 +16,19 @@ LENGTHS = (1, 3, 7, 12, 20, 5)
 NEW = 10
 
 
-@pytest.fixture(scope='module')
-def params():
+def peaked_params(cfg):
   # Wider than GPT-2's init (embeddings most) so logits are peaked and prompts diverge.
-  shapes = nn.meta.unbox(model_lib.abstract_params(CFG))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  shapes = nn.meta.unbox(model_lib.abstract_params(cfg))
+  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
   keys = jax.random.split(jax.random.key(0), len(leaves))
   arrays = [(1.0 if 'wte' in jax.tree_util.keystr(path) else 0.1)
             * jax.random.normal(k, leaf.shape) for k, (path, leaf) in zip(keys, leaves)]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), arrays)
+
+
+@pytest.fixture(scope='module')
+def params():
+  return peaked_params(CFG)
 
 
 @pytest.fixture(scope='module')
@@ -32,18 +37,18 @@ def prompts():
   return [rng.integers(0, CFG.vocab_size, size=n).tolist() for n in LENGTHS]
 
 
-def naive_greedy(params, prompts, new_tokens, penalty=1.0):
+def naive_greedy(params, prompts, new_tokens, penalty=1.0, cfg=CFG):
   """Full no-cache forward of every sequence at every step; numpy penalty and argmax."""
-  forward = jax.jit(lambda t: model_lib.GPT2(CFG).apply({'params': params}, t))
+  forward = jax.jit(lambda t: model_lib.GPT2(cfg).apply({'params': params}, t))
   seqs = [list(p) for p in prompts]
   for _ in range(new_tokens):
-    tokens_BxL = np.zeros((len(seqs), CFG.max_len), np.int32)
+    tokens_BxL = np.zeros((len(seqs), cfg.max_len), np.int32)
     for b, s in enumerate(seqs):
       tokens_BxL[b, :len(s)] = s
     logits_BxLxV = np.asarray(forward(tokens_BxL))
     for b, s in enumerate(seqs):
       logits_V = logits_BxLxV[b, len(s) - 1].astype(np.float64)
-      seen = np.zeros(CFG.vocab_size, bool)
+      seen = np.zeros(cfg.vocab_size, bool)
       seen[s] = True
       logits_V = np.where(seen & (logits_V > 0), logits_V / penalty,
                           np.where(seen, logits_V * penalty, logits_V))
@@ -65,6 +70,21 @@ def greedy(params, prompts):
 def test_cached_greedy_equals_full_recompute(params, prompts, greedy):
   assert greedy == naive_greedy(params, prompts, NEW)
   assert len({tuple(g) for g in greedy}) > 1  # The prompts really lead different ways.
+
+
+def test_cache_grows_between_chunks_and_still_equals_full_recompute(monkeypatch):
+  # max_len 128: the 33-token prompt starts with a 64-slot cache, which grows twice.
+  cfg = model_lib.ModelConfig(**{**CFG.__dict__, 'max_len': 128})
+  params = peaked_params(cfg)
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (33, 1, 9, 20)]
+  grown, grow = [], sampling._grow_cache
+  monkeypatch.setattr(sampling, '_grow_cache',
+                      lambda s, cache_len: (grown.append(cache_len), grow(s, cache_len))[1])
+  got = sampling.generate(params, cfg, prompts, key=jax.random.key(0), max_new_tokens=70,
+                          temperature=0.0, batch_size=4, progress=False)
+  assert grown == [96, 128]
+  assert got == naive_greedy(params, prompts, 70, cfg=cfg)
 
 
 def test_repetition_penalty_tracks_prompt_and_generated_tokens(params, prompts):
@@ -168,11 +188,55 @@ def test_stop_strings_need_a_tokenizer(params, prompts):
     gen(params, prompts, stop_strings=('\n',))
 
 
+def test_argmax_is_jnp_argmax_with_ties_infinities_and_nans():
+  rng = np.random.default_rng(5)
+  x_BxV = rng.normal(size=(12, 300)).astype(np.float32)
+  x_BxV[0, [7, 40, 299]] = 9.0  # Ties: the first one wins.
+  x_BxV[1] = -np.inf
+  x_BxV[2, [3, 250]] = np.inf
+  x_BxV[3, [17, 100]] = np.nan  # The first NaN wins, as in jnp.argmax.
+  x_BxV[4, 5], x_BxV[4, 6] = np.inf, np.nan
+  x_BxV[5] = np.nan
+  x_BxV[6] = 0.0
+  np.testing.assert_array_equal(jax.jit(processors.argmax)(x_BxV),
+                                jnp.argmax(x_BxV, axis=-1))
+
+
+def test_sampling_draws_what_jax_random_categorical_draws():
+  rng = np.random.default_rng(6)
+  logits_BxV = jnp.asarray(rng.normal(size=(16, 97)).astype(np.float32) * 2)
+  keys_B = jax.random.split(jax.random.key(3), 16)
+  sp = processors.SamplingParams(temperature=1.0)
+  ours = processors.sample_tokens(logits_BxV, None, keys_B, sp)
+  np.testing.assert_array_equal(ours, jax.vmap(jax.random.categorical)(keys_B, logits_BxV))
+
+
+def test_transposed_unembedding_gives_the_tied_logits(params):
+  model = model_lib.GPT2(CFG)
+  tokens_BxL = jnp.asarray(np.arange(12).reshape(2, 6) % CFG.vocab_size)
+  cache = model_lib.init_cache(CFG, 2, 8)
+  tied, _ = model.apply({'params': params}, tokens_BxL, cache=cache)
+  transposed, _ = model.apply({'params': params}, tokens_BxL, cache=cache,
+                              unembed_DxV=params['wte'].T)
+  np.testing.assert_allclose(transposed, tied, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_options_are_used_where_xla_accepts_them(monkeypatch):
+  assert sampling._decode_options('cpu') == sampling._CPU_DECODE_OPTIONS
+  assert sampling._decode_options('gpu') == {}
+  monkeypatch.setattr(sampling, '_CPU_DECODE_OPTIONS', {'xla_cpu_no_such_option': 'x'})
+  sampling._decode_options.cache_clear()
+  try:
+    assert sampling._decode_options('cpu') == {}
+  finally:
+    sampling._decode_options.cache_clear()
+
+
 def test_top_p_keeps_the_smallest_most_likely_set():
   probs = np.array([0.5, 0.3, 0.15, 0.05])
   logits_4xV = jnp.log(jnp.asarray(np.tile(probs, (4, 1))))
   for p, kept in [(0.5, 1), (0.6, 2), (0.81, 3), (0.99, 4)]:
-    out = np.asarray(sampling.apply_top_p(logits_4xV, p))
+    out = np.asarray(processors.apply_top_p(logits_4xV, p))
     assert np.isfinite(out).sum(axis=1).tolist() == [kept] * 4, p
 
 
@@ -181,7 +245,7 @@ def test_top_p_property_on_random_rows():
   logits_BxV = rng.normal(size=(64, 50)) * rng.uniform(0.1, 4, size=(64, 1))
   p_B = rng.uniform(0.05, 0.99, size=64)
   for logits_V, p in zip(logits_BxV, p_B):
-    kept = np.isfinite(np.asarray(sampling.apply_top_p(jnp.asarray(logits_V[None]), p)))[0]
+    kept = np.isfinite(np.asarray(processors.apply_top_p(jnp.asarray(logits_V[None]), p)))[0]
     probs = np.exp(logits_V - logits_V.max())
     probs /= probs.sum()
     assert probs[kept].min() > probs[~kept].max(initial=-1)  # The most likely tokens,
@@ -191,20 +255,20 @@ def test_top_p_property_on_random_rows():
 
 def test_top_p_keeps_all_tokens_tied_at_the_threshold():
   logits = jnp.log(jnp.asarray([[0.1, 0.4, 0.2, 0.2, 0.1]]))
-  kept = np.isfinite(np.asarray(sampling.apply_top_p(logits, 0.5)))[0]
+  kept = np.isfinite(np.asarray(processors.apply_top_p(logits, 0.5)))[0]
   assert kept.tolist() == [False, True, True, True, False]
 
 
 def test_top_k_keeps_k_largest():
   logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0, -1.0]])
-  kept = np.isfinite(np.asarray(sampling.apply_top_k(logits, 2)))[0]
+  kept = np.isfinite(np.asarray(processors.apply_top_k(logits, 2)))[0]
   assert kept.tolist() == [False, True, False, True, False]
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
   logits = jnp.asarray([[2.0, -2.0, 1.0, -1.0, 0.0]])
   seen = jnp.asarray([[True, True, False, False, True]])
-  out = np.asarray(sampling.apply_repetition_penalty(logits, seen, 2.0))
+  out = np.asarray(processors.apply_repetition_penalty(logits, seen, 2.0))
   np.testing.assert_allclose(out, [[1.0, -4.0, 1.0, -1.0, 0.0]])
 
 
@@ -216,10 +280,10 @@ def test_processors_match_transformers():
   ids_BxS = rng.integers(0, 40, size=(8, 6))
   seen_BxV = np.zeros((8, 40), bool)
   np.put_along_axis(seen_BxV, ids_BxS, True, axis=1)
-  sp = sampling.SamplingParams(temperature=0.7, top_k=12, top_p=0.8,
-                               repetition_penalty=1.3)
-  ours = np.asarray(sampling.process_logits(jnp.asarray(logits_BxV), jnp.asarray(seen_BxV),
-                                            sp))
+  sp = processors.SamplingParams(temperature=0.7, top_k=12, top_p=0.8,
+                                 repetition_penalty=1.3)
+  ours = np.asarray(processors.process_logits(jnp.asarray(logits_BxV),
+                                              jnp.asarray(seen_BxV), sp))
   procs = hf.LogitsProcessorList([
       hf.RepetitionPenaltyLogitsProcessor(1.3), hf.TemperatureLogitsWarper(0.7),
       hf.TopKLogitsWarper(12), hf.TopPLogitsWarper(0.8)])

@@ -12,6 +12,12 @@ How a batch is decoded, and why:
   text, not tokens), records finished rows, and, once at most half the rows are still
   going, gathers them into a smaller batch: done rows stop costing work at chunk
   granularity, and a batch stops as soon as all its rows are done.
+- The cache holds only the slots the next chunk can reach, and grows by `_BUCKET`
+  slots between chunks: every step's attention reads every slot, so a cache sized for
+  the last step would slow every earlier one (a decode compilation per cache length).
+- Per-step cost is what matters at a few rows: the tied output projection is read as a
+  [D, V] matrix (transposed once per call), greedy is a plain argmax, and on CPU the
+  loop uses XLA's own matrix kernels (`_CPU_DECODE_OPTIONS`).
 - Randomness: the request's row r (prompt i, or prompt i's sample j in `generate_text`)
   draws step t from fold_in(fold_in(key, r), t), so the same key gives the same samples
   whatever the batch size, the device count or the order rows are batched in.
@@ -22,7 +28,6 @@ How a batch is decoded, and why:
   (data parallel); the host loop reads rows back, so one call runs in one process.
 """
 
-import dataclasses
 import functools
 import time
 from typing import Any, NamedTuple, Optional, Sequence
@@ -37,90 +42,19 @@ from tqdm import auto as tqdm
 
 from collab import model as model_lib
 from collab import parallel
+from collab.evals import decode_text
+from collab.evals import processors
 
-PAD = -1  # Token slot not produced (row already done); never a vocabulary id.
+PAD = decode_text.PAD
+cut_at_stop = decode_text.cut_at_stop  # Part of this module's API (memorization uses it).
 _BUCKET = 32  # Prompt and cache lengths are rounded up to this, to reuse compilations.
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """How logits become a token; temperature 0 is greedy (argmax after the penalty)."""
-  temperature: float = 1.0
-  top_k: int = 0  # 0: off.
-  top_p: float = 1.0  # 1.0: off.
-  repetition_penalty: float = 1.0  # 1.0: off.
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f'temperature must be >= 0 (0 is greedy), got {self.temperature}.')
-    if self.top_k < 0:
-      raise ValueError(f'top_k must be >= 0 (0 disables it), got {self.top_k}.')
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f'top_p must be in (0, 1] (1 disables it), got {self.top_p}.')
-    if self.repetition_penalty <= 0:
-      raise ValueError('repetition_penalty must be > 0 (1 disables it), got '
-                       f'{self.repetition_penalty}.')
-
-
-# --- Logits processors: pure functions of logits_BxV, applied in transformers' order.
-
-def apply_repetition_penalty(logits_BxV, seen_BxV, penalty: float):
-  """CTRL penalty: logits of seen tokens divided by `penalty` if positive, else multiplied."""
-  penalized_BxV = jnp.where(logits_BxV > 0, logits_BxV / penalty, logits_BxV * penalty)
-  return jnp.where(seen_BxV, penalized_BxV, logits_BxV)
-
-
-def apply_top_k(logits_BxV, k: int):
-  """Keeps the k largest logits of each row (and any tied with the k-th); -inf elsewhere."""
-  if k >= logits_BxV.shape[-1]:
-    return logits_BxV
-  kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
-  return jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-
-
-def apply_top_p(logits_BxV, p: float):
-  """Nucleus: the smallest set of most likely tokens whose mass is >= p; -inf elsewhere.
-
-  Tokens tied with the least likely kept token are all kept, so the result does not
-  depend on how a sort orders ties (the set is then the union of the smallest sets).
-  """
-  sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
-  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-  mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-  # Token i (in sorted order) is needed while the mass before it is still short of p.
-  num_kept_Bx1 = jnp.sum(mass_before_BxV < p, axis=-1, keepdims=True)
-  threshold_Bx1 = jnp.take_along_axis(sorted_BxV, num_kept_Bx1 - 1, axis=-1)
-  return jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
-
-
-def process_logits(logits_BxV, seen_BxV, sp: SamplingParams):
-  """Repetition penalty, temperature, top-k, top-p (transformers' order)."""
-  logits_BxV = logits_BxV.astype(jnp.float32)
-  if sp.repetition_penalty != 1.0:
-    logits_BxV = apply_repetition_penalty(logits_BxV, seen_BxV, sp.repetition_penalty)
-  if sp.temperature == 0.0:
-    return logits_BxV
-  logits_BxV = logits_BxV / sp.temperature
-  if sp.top_k > 0:
-    logits_BxV = apply_top_k(logits_BxV, sp.top_k)
-  if sp.top_p < 1.0:
-    logits_BxV = apply_top_p(logits_BxV, sp.top_p)
-  return logits_BxV
-
-
-def sample_tokens(logits_BxV, seen_BxV, keys_B, sp: SamplingParams):
-  """One token per row; `keys_B` are the rows' keys for this step."""
-  logits_BxV = process_logits(logits_BxV, seen_BxV, sp)
-  if sp.temperature == 0.0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
 
 
 # --- The compiled part: prefill, then a while_loop over steps.
 
 class DecodeState(NamedTuple):
   """Everything the loop carries; every leaf but `step` has the batch as axis 0."""
-  cache: Any  # collab.model cache, [B, T, H, K] per layer.
+  cache: Any  # collab.model cache, [B, H, T, K] per layer.
   last_B: jax.Array  # Token fed at the next step.
   lengths_B: jax.Array  # Prompt lengths.
   budget_B: jax.Array  # Tokens this row may generate.
@@ -131,10 +65,14 @@ class DecodeState(NamedTuple):
   step: jax.Array  # Scalar: tokens generated so far (rows move in lockstep).
 
 
-def prefill(params, prompts_BxS, lengths_B, budget_B, keys_B, done_B, *, model, cache_len,
-            max_new_tokens, track_seen):
-  """Writes every prompt's keys and values in one call; returns the loop's first state."""
+def prefill(params, prompts_BxS, lengths_B, budget_B, ids_B, done_B, key, *, model,
+            cache_len, max_new_tokens, track_seen):
+  """Writes every prompt's keys and values in one call; returns the loop's first state.
+
+  Row b draws from fold_in(key, ids_B[b]) (its row in the request).
+  """
   B, S = prompts_BxS.shape
+  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, ids_B)
   cache = model_lib.init_cache(model.config, B, cache_len)
   # Only the cache is used: XLA drops the vocabulary projection of the prefill.
   _, cache = model.apply({'params': params}, prompts_BxS, cache=cache)
@@ -151,15 +89,17 @@ def prefill(params, prompts_BxS, lengths_B, budget_B, keys_B, done_B, *, model, 
       tokens_BxN=jnp.full((B, max_new_tokens), PAD, jnp.int32), step=jnp.int32(0))
 
 
-def _decode_step(params, s: DecodeState, *, model, sp, eot_id, cache_len):
+def _decode_step(params, unembed_DxV, s: DecodeState, *, model, sp, eot_id):
   """Feeds each row's last token at its own position and samples the next one."""
-  B = s.last_B.shape[0]
+  B, T = s.last_B.shape[0], s.cache[0]['k'].shape[2]
   # Done rows keep running (fixed shapes); clamping keeps their writes inside the cache.
-  pos_B = jnp.minimum(s.lengths_B - 1 + s.step, cache_len - 1)
+  pos_B = jnp.minimum(s.lengths_B - 1 + s.step, T - 1)
   logits_Bx1xV, cache = model.apply({'params': params}, s.last_B[:, None],
-                                    positions_BxL=pos_B[:, None], cache=s.cache)
-  step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(s.keys_B, s.step)
-  tok_B = sample_tokens(logits_Bx1xV[:, 0], s.seen_BxV, step_keys_B, sp)
+                                    positions_BxL=pos_B[:, None], cache=s.cache,
+                                    unembed_DxV=unembed_DxV)
+  step_keys_B = (None if sp.temperature == 0.0 else
+                 jax.vmap(jax.random.fold_in, (0, None))(s.keys_B, s.step))
+  tok_B = processors.sample_tokens(logits_Bx1xV[:, 0], s.seen_BxV, step_keys_B, sp)
   active_B = ~s.done_B
   tok_B = jnp.where(active_B, tok_B, PAD)
   seen_BxV = s.seen_BxV
@@ -174,27 +114,64 @@ def _decode_step(params, s: DecodeState, *, model, sp, eot_id, cache_len):
                         s.tokens_BxN, tok_B[:, None], (0, s.step)))
 
 
-def decode(params, state: DecodeState, until, *, model, sp, eot_id, cache_len):
-  """Steps until `state.step == until` or every row is done."""
-  step = functools.partial(_decode_step, params, model=model, sp=sp, eot_id=eot_id,
-                           cache_len=cache_len)
+def decode(params, unembed_DxV, state: DecodeState, until, *, model, sp, eot_id):
+  """Steps until `state.step == until` or every row is done.
+
+  `unembed_DxV` is params['wte'].T (see GPT2). The cache must hold every active row's
+  position up to step `until` - 1.
+  """
+  step = functools.partial(_decode_step, params, unembed_DxV, model=model, sp=sp,
+                           eot_id=eot_id)
   return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done_B), step, state)
 
 
+# XLA:CPU hands matrix products to its YNNPACK library by default. At the few rows of a
+# decoding step XLA's own (Eigen) kernels are faster (-17% time per token for the
+# `small` model, 2 cores); YNNPACK stays on for reductions (softmax, argmax), where it
+# is faster. An option this XLA does not know turns this off (see `_decode_options`).
+_CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(model_config, sp, eot_id, cache_len, max_new_tokens, rules=()):
-  """jit'd prefill and decode for one static setting (jit caches shapes itself).
+def _decode_options(platform: str) -> dict:
+  """Compiler options for the decoding loop on `platform`, if this XLA accepts them."""
+  if platform != 'cpu':
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_DECODE_OPTIONS).lower(
+        jax.ShapeDtypeStruct((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError:  # An XLA without this option or value.
+    logging.info('XLA rejected %s; decoding with its default options.',
+                 _CPU_DECODE_OPTIONS)
+    return {}
+  return _CPU_DECODE_OPTIONS
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(model_config, sp, eot_id, max_new_tokens, rules=(), platform='cpu'):
+  """jit'd prefill (cache_len static) and decode for one setting; jit caches shapes.
 
   `rules` is only a cache key: flax's logical-axis rules shape the trace but are not
   part of jit's own cache key.
   """
   model = model_lib.GPT2(model_config)
-  pre = jax.jit(functools.partial(prefill, model=model, cache_len=cache_len,
-                                  max_new_tokens=max_new_tokens,
-                                  track_seen=sp.repetition_penalty != 1.0))
-  dec = jax.jit(functools.partial(decode, model=model, sp=sp, eot_id=eot_id,
-                                  cache_len=cache_len), donate_argnums=1)
+  pre = jax.jit(functools.partial(prefill, model=model, max_new_tokens=max_new_tokens,
+                                  track_seen=sp.repetition_penalty != 1.0),
+                static_argnames='cache_len')
+  dec = jax.jit(functools.partial(decode, model=model, sp=sp, eot_id=eot_id),
+                donate_argnums=2, compiler_options=_decode_options(platform) or None)
   return pre, dec
+
+
+@functools.partial(jax.jit, static_argnames='cache_len')
+def _grow_cache(state: DecodeState, cache_len: int) -> DecodeState:
+  """The state with every cache leaf padded to `cache_len` slots (new slots unwritten)."""
+  def pad(x_BxHxTxK):
+    return jnp.pad(x_BxHxTxK, ((0, 0), (0, 0), (0, cache_len - x_BxHxTxK.shape[2]), (0, 0)))
+  return state._replace(cache=jax.tree_util.tree_map(pad, state.cache))
+
+
+_transpose = jax.jit(jnp.transpose)
 
 
 @jax.jit
@@ -216,19 +193,22 @@ def shard_rows(mesh, tree, rules=()):
   """Splits every leaf's rows over the mesh like a training batch; scalars replicated."""
   rows = parallel.batch_sharding(mesh, rules)
   whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree_util.tree_map(
-      lambda x: jax.device_put(x, rows if np.ndim(x) else whole), tree)
+  shardings = jax.tree_util.tree_map(lambda x: rows if np.ndim(x) else whole, tree)
+  return jax.device_put(tree, shardings)  # One call: each transfer has a fixed cost.
 
 
 def place_params(params, mesh):
-  """Unboxed params on `mesh`: kept where already placed there, else replicated."""
+  """Unboxed params on `mesh`: kept where placed there (or equivalently), else replicated."""
   params = nn.meta.unbox(params)
   leaves = jax.tree_util.tree_leaves(params)
   if all(isinstance(getattr(x, 'sharding', None), jax.sharding.NamedSharding)
          and x.sharding.mesh == mesh for x in leaves):
     return params
-  return jax.device_put(params, jax.sharding.NamedSharding(mesh,
-                                                           jax.sharding.PartitionSpec()))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(whole, x.ndim)
+         for x in leaves):
+    return params
+  return jax.device_put(params, whole)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -256,14 +236,10 @@ def fit_prompts(prompts_tokens, max_len: int, vocab_size: int) -> list:
   return fitted
 
 
-def _decode(tokenizer, tokens) -> str:
-  return tokenizer.decode(list(tokens), clean_up_tokenization_spaces=False)
-
-
 class _Options(NamedTuple):
   """The choices of one `generate` call."""
   model_config: Any
-  sp: SamplingParams
+  sp: processors.SamplingParams
   max_new_tokens: int
   eot_id: Optional[int]
   stop_strings: tuple
@@ -274,12 +250,23 @@ class _Options(NamedTuple):
   rules: tuple
 
 
-def _start_batch(params, prompts, rows, key, width, opts: _Options):
+def _next_chunk(step: int, longest: int, opts: _Options):
+  """(cache_len, until): the cache for the chunk of steps [step, until).
+
+  Step t feeds positions up to longest - 1 + t, so a cache of T slots serves steps
+  t <= T - longest. The cache grows by buckets and holds at least a bucket of steps;
+  a chunk also ends after chunk_size steps, when the host checks stop strings.
+  """
+  cache_len = _bucket(longest + step + _BUCKET - 1, opts.model_config.max_len)
+  until = min(step + opts.chunk_size, opts.max_new_tokens, cache_len - longest + 1)
+  return cache_len, until
+
+
+def _start_batch(params, prompts, rows, key, width, cache_len, opts: _Options):
   """Prefills one batch of rows (padded to `width` slots); returns (state, decode fn)."""
   max_len = opts.model_config.max_len
   lens = [len(prompts[r]) for r in rows]
   S = _bucket(max(lens), max_len)
-  cache_len = _bucket(max(lens) + opts.max_new_tokens - 1, max_len)
   prompts_BxS = np.zeros((width, S), np.int32)
   lengths_B, budget_B = np.ones(width, np.int32), np.ones(width, np.int32)
   done_B, ids_B = np.ones(width, bool), np.zeros(width, np.int32)
@@ -288,37 +275,11 @@ def _start_batch(params, prompts, rows, key, width, opts: _Options):
     lengths_B[slot] = lens[slot]
     budget_B[slot] = min(opts.max_new_tokens, max_len - lens[slot])
     done_B[slot], ids_B[slot] = False, r
-  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids_B))
-  pre, dec = _compiled(opts.model_config, opts.sp, opts.eot_id, cache_len,
-                       opts.max_new_tokens, opts.rules)
-  args = shard_rows(opts.mesh, (prompts_BxS, lengths_B, budget_B, keys_B, done_B),
+  pre, dec = _compiled(opts.model_config, opts.sp, opts.eot_id, opts.max_new_tokens,
+                       opts.rules, opts.mesh.devices.flat[0].platform)
+  args = shard_rows(opts.mesh, (prompts_BxS, lengths_B, budget_B, ids_B, done_B, key),
                     opts.rules)
-  return pre(params, *args), dec
-
-
-def _finish_row(tokens_N, opts: _Options, cut: Optional[int]) -> list:
-  """A row's new tokens: up to its end-of-text (excluded) or its stop-string cut."""
-  out = [int(t) for t in tokens_N if t != PAD]
-  if cut is not None:
-    out = out[:cut]
-  if opts.eot_id is not None and opts.eot_id in out:
-    out = out[:out.index(opts.eot_id)]
-  return out
-
-
-def _check_stops(tokens_BxN, was_active_B, checked_B, opts: _Options) -> dict:
-  """{slot: n} for rows whose new text has a stop string; n: the shortest such prefix."""
-  def has_stop(row):
-    text = _decode(opts.tokenizer, row)
-    return any(s in text for s in opts.stop_strings)
-  cuts = {}
-  for slot in np.flatnonzero(was_active_B):
-    row = _finish_row(tokens_BxN[slot], opts, None)
-    if has_stop(row):  # Earlier prefixes were checked after earlier chunks.
-      cuts[slot] = next((n for n in range(checked_B[slot] + 1, len(row))
-                         if has_stop(row[:n])), len(row))
-    checked_B[slot] = len(row)
-  return cuts
+  return pre(params, *args, cache_len=cache_len), dec
 
 
 def _shrunk_width(num_active: int, width: int, devices: int) -> int:
@@ -328,26 +289,40 @@ def _shrunk_width(num_active: int, width: int, devices: int) -> int:
   return width
 
 
-def _run_batch(params, prompts, rows, key, width, opts: _Options, on_row):
-  """Decodes one batch in chunks until every row is done; calls on_row(row, tokens)."""
-  state, dec = _start_batch(params, prompts, rows, key, width, opts)
+def _run_batch(params, unembed_DxV, prompts, rows, key, width, opts: _Options, on_row):
+  """Decodes one batch in chunks until every row is done; calls on_row(row, tokens).
+
+  The cache grows between chunks to what the next chunk needs: attention reads every
+  slot at every step, so a cache sized for the last step would slow all earlier ones.
+  """
+  lens_B = np.zeros(width, np.int64)
+  lens_B[:len(rows)] = [len(prompts[r]) for r in rows]
+  step = 0
+  state, dec = _start_batch(params, prompts, rows, key, width,
+                            _next_chunk(step, lens_B.max(), opts)[0], opts)
   shards = parallel.data_parallel_size(parallel.batch_sharding(opts.mesh, opts.rules))
   slot_rows = np.full(width, -1)
   slot_rows[:len(rows)] = rows
   pending_B = slot_rows >= 0  # Not yet handed to on_row.
+  done_B = ~pending_B
   checked_B = np.zeros(width, np.int64)
   while pending_B.any():
-    was_active_B = ~np.asarray(state.done_B)
-    until = min(int(state.step) + opts.chunk_size, opts.max_new_tokens)
-    state = dec(params, state, jnp.int32(until))
+    was_active_B = ~done_B
+    # Done rows' positions are clamped into the cache: only active rows need room.
+    cache_len, until = _next_chunk(step, lens_B[was_active_B].max(), opts)
+    if cache_len > state.cache[0]['k'].shape[2]:
+      state = _grow_cache(state, cache_len)
+    state = dec(params, unembed_DxV, state, jnp.int32(until))
     tokens_BxN, done_B = np.asarray(state.tokens_BxN), np.array(state.done_B)
-    cuts = (_check_stops(tokens_BxN, was_active_B, checked_B, opts)
-            if opts.stop_strings else {})
+    cuts = decode_text.find_stops(
+        tokens_BxN, was_active_B, checked_B, tokenizer=opts.tokenizer,
+        stop_strings=opts.stop_strings, eot_id=opts.eot_id) if opts.stop_strings else {}
     if cuts:
       done_B[list(cuts)] = True
       state = state._replace(done_B=shard_rows(opts.mesh, done_B, opts.rules))
     for slot in np.flatnonzero(done_B & pending_B):
-      on_row(slot_rows[slot], _finish_row(tokens_BxN[slot], opts, cuts.get(slot)))
+      on_row(slot_rows[slot], decode_text.finish_row(tokens_BxN[slot], opts.eot_id,
+                                                     cuts.get(slot)))
       pending_B[slot] = False
     num_active = int((~done_B).sum())
     new_width = _shrunk_width(num_active, len(done_B), shards)
@@ -355,6 +330,8 @@ def _run_batch(params, prompts, rows, key, width, opts: _Options, on_row):
       keep = np.concatenate([np.flatnonzero(~done_B), np.flatnonzero(done_B)])[:new_width]
       state = shard_rows(opts.mesh, _take_rows(state, jnp.asarray(keep)), opts.rules)
       slot_rows, pending_B, checked_B = slot_rows[keep], pending_B[keep], checked_B[keep]
+      done_B, lens_B = done_B[keep], lens_B[keep]
+    step = until  # Rows move in lockstep; the loop stops early only once all are done.
 
 
 def generate(params, model_config, prompts_tokens: Sequence[Sequence[int]], *, key,
@@ -385,8 +362,9 @@ def generate(params, model_config, prompts_tokens: Sequence[Sequence[int]], *, k
     raise ValueError('generate reads every row back on this host, so its mesh must hold '
                      'local devices only: in a multi-host job, call it on each host with '
                      'its share of the prompts and make_mesh(cfg, jax.local_devices()).')
-  opts = _Options(model_config, SamplingParams(float(temperature), int(top_k),
-                                               float(top_p), float(repetition_penalty)),
+  sp = processors.SamplingParams(float(temperature), int(top_k), float(top_p),
+                                 float(repetition_penalty))
+  opts = _Options(model_config, sp,
                   int(max_new_tokens), None if eot_id is None else int(eot_id),
                   tuple(stop_strings), tokenizer, int(chunk_size), bool(compact), mesh,
                   tuple(tuple(r) for r in rules))
@@ -394,6 +372,7 @@ def generate(params, model_config, prompts_tokens: Sequence[Sequence[int]], *, k
   shards = parallel.data_parallel_size(parallel.batch_sharding(mesh, opts.rules))
   width = -(-min(batch_size, max(len(prompts), 1)) // shards) * shards
   params = place_params(params, mesh)
+  unembed_DxV = _transpose(params['wte'])  # Once per call, not per step.
   # Similar lengths share a batch: less padding in the prefill and a shorter cache.
   order = sorted(range(len(prompts)), key=lambda r: len(prompts[r]))
   results = [None] * len(prompts)
@@ -408,16 +387,11 @@ def generate(params, model_config, prompts_tokens: Sequence[Sequence[int]], *, k
     # Tracing inside the mesh and rules contexts lets the model's constraints apply.
     with jax.set_mesh(mesh), nn.logical_axis_rules(opts.rules):
       for first in range(0, len(prompts), width):
-        _run_batch(params, prompts, order[first:first + width], key, width, opts, on_row)
+        _run_batch(params, unembed_DxV, prompts, order[first:first + width], key, width,
+                   opts, on_row)
   logging.info('Sampled %d sequences, %d new tokens in %.1fs.', len(prompts), new_tokens,
                time.perf_counter() - start)
   return results
-
-
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-  """The text before the earliest occurrence of any stop string."""
-  cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
-  return text[:cut]
 
 
 def generate_text(params, model_config, tokenizer, prompts: Sequence[str],
@@ -438,5 +412,5 @@ def generate_text(params, model_config, tokenizer, prompts: Sequence[str],
     eot_id = getattr(tokenizer, 'eos_token_id', None)
   new = generate(params, model_config, rows, key=key, max_new_tokens=max_new_tokens,
                  eot_id=eot_id, stop_strings=stop_strings, tokenizer=tokenizer, **kwargs)
-  texts = [cut_at_stop(_decode(tokenizer, ids), stop_strings) for ids in new]
+  texts = [cut_at_stop(decode_text.decode(tokenizer, ids), stop_strings) for ids in new]
   return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

@@ -1,0 +1,102 @@
+"""Logits processors: how a decoding step's logits become tokens.
+
+Pure functions of logits_BxV, applied in transformers' order (repetition penalty,
+temperature, top-k, top-p), then an argmax (greedy) or a Gumbel-max draw. Each is
+specialised statically: a processor that is off adds nothing to the compiled step.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How logits become a token; temperature 0 is greedy (argmax after the penalty)."""
+  temperature: float = 1.0
+  top_k: int = 0  # 0: off.
+  top_p: float = 1.0  # 1.0: off.
+  repetition_penalty: float = 1.0  # 1.0: off.
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'temperature must be >= 0 (0 is greedy), got {self.temperature}.')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0 (0 disables it), got {self.top_k}.')
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f'top_p must be in (0, 1] (1 disables it), got {self.top_p}.')
+    if self.repetition_penalty <= 0:
+      raise ValueError('repetition_penalty must be > 0 (1 disables it), got '
+                       f'{self.repetition_penalty}.')
+
+
+def apply_repetition_penalty(logits_BxV, seen_BxV, penalty: float):
+  """CTRL penalty: logits of seen tokens divided by `penalty` if positive, else multiplied."""
+  penalized_BxV = jnp.where(logits_BxV > 0, logits_BxV / penalty, logits_BxV * penalty)
+  return jnp.where(seen_BxV, penalized_BxV, logits_BxV)
+
+
+def apply_top_k(logits_BxV, k: int):
+  """Keeps the k largest logits of each row (and any tied with the k-th); -inf elsewhere."""
+  if k >= logits_BxV.shape[-1]:
+    return logits_BxV
+  kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
+  return jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+
+
+def apply_top_p(logits_BxV, p: float):
+  """Nucleus: the smallest set of most likely tokens whose mass is >= p; -inf elsewhere.
+
+  Tokens tied with the least likely kept token are all kept, so the result does not
+  depend on how a sort orders ties (the set is then the union of the smallest sets).
+  """
+  sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+  # Token i (in sorted order) is needed while the mass before it is still short of p.
+  num_kept_Bx1 = jnp.sum(mass_before_BxV < p, axis=-1, keepdims=True)
+  threshold_Bx1 = jnp.take_along_axis(sorted_BxV, num_kept_Bx1 - 1, axis=-1)
+  return jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+
+
+def process_logits(logits_BxV, seen_BxV, sp: SamplingParams):
+  """Repetition penalty, temperature, top-k, top-p (transformers' order)."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if sp.repetition_penalty != 1.0:
+    logits_BxV = apply_repetition_penalty(logits_BxV, seen_BxV, sp.repetition_penalty)
+  if sp.temperature == 0.0:
+    return logits_BxV
+  logits_BxV = logits_BxV / sp.temperature
+  if sp.top_k > 0:
+    logits_BxV = apply_top_k(logits_BxV, sp.top_k)
+  if sp.top_p < 1.0:
+    logits_BxV = apply_top_p(logits_BxV, sp.top_p)
+  return logits_BxV
+
+
+def argmax(x_BxV):
+  """jnp.argmax over the last axis (first maximum; first NaN if any), as two plain reductions.
+
+  XLA's CPU backend lowers jnp.argmax to a (value, index) pair reduction that is several
+  times slower than the vocabulary projection it follows; a max, then the smallest index
+  holding it, vectorise. Indices are exact in float32 below 2**24.
+  """
+  V = x_BxV.shape[-1]
+  if V >= 2**24:
+    return jnp.argmax(x_BxV, axis=-1).astype(jnp.int32)
+  max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)  # NaN if the row has a NaN.
+  index_BxV = jax.lax.broadcasted_iota(jnp.float32, x_BxV.shape, x_BxV.ndim - 1)
+  hit_BxV = (x_BxV == max_Bx1) | jnp.isnan(x_BxV)
+  return jnp.min(jnp.where(hit_BxV, index_BxV, float(V)), axis=-1).astype(jnp.int32)
+
+
+def sample_tokens(logits_BxV, seen_BxV, keys_B, sp: SamplingParams):
+  """One token per row; `keys_B` are the rows' keys for this step."""
+  logits_BxV = process_logits(logits_BxV, seen_BxV, sp)
+  if sp.temperature == 0.0:
+    return argmax(logits_BxV)
+  # jax.random.categorical's own Gumbel-max draw (same bits), with the faster argmax.
+  gumbel_BxV = jax.vmap(lambda k, x: jax.random.gumbel(k, x.shape, x.dtype))(keys_B,
+                                                                            logits_BxV)
+  return argmax(gumbel_BxV + logits_BxV)
