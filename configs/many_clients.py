@@ -36,6 +36,7 @@ def get_config(arg=None):
   c.train.learning_rate = 2e-3  # As configs/default.py (a 1.5M model trains stably at it).
   c.train.warmup_steps = 10  # Local steps of warmup on the shared schedule.
   c.train.log_every = 1  # Rounds are few and cheap: one metrics line each.
+  c.train.epochs = 2.0  # The study's centralized baseline: ~2,300 steps of 4 blocks.
   c.federated.rounds = 40  # 40 x 48 = 1,920 client updates: each client ~1.6 times.
   c.federated.clients_per_round = 48  # m of N clients sampled per round (seeded).
   c.federated.client_block = 16  # Clients per vmapped call: memory is O(16), not O(48).
@@ -48,6 +49,10 @@ def get_config(arg=None):
     c.federated.synthetic_partition = 'dirichlet'  # Unequal shards: a few big, many small.
     c.federated.dirichlet_alpha = 0.5  # Small alpha: very unequal clients.
   c.federated.directory_depth = 2  # 'directories': sub-packages of pkg: sources.
+  if kind in ('repositories', 'directories'):
+    # Tens of clients here (32 repositories, 75 directories at depth 2), not 1,200.
+    c.federated.clients_per_round = 16
+    c.federated.rounds = 20
   c.eval.passk.enabled = False  # This family studies memorization per client, not pass@k.
   c.eval.memorization.max_prompts = 20  # Docstring prompts per organization.
   c.eval.memorization.max_new_tokens = 128  # A 6-line clone needs ~60-100 tokens of code.
