@@ -125,7 +125,8 @@ def test_adaptive_clipping_moves_the_bound_geometrically(count_noise):
   new, metrics = _round(config, _plan(per_round=4), server, clients_C, weights_C, step=2)
   _, within = _hand_sum(server, clients_C, weights_C, clip)
   _, count_key = jax.random.split(jax.random.fold_in(NOISE_KEY, 2))
-  b = (within + count_noise * float(jax.random.normal(count_key, ()))) / 4
+  present = float(np.sum(weights_C))  # Real clients (uniform weights: 1 each).
+  b = (within - present / 2 + count_noise * float(jax.random.normal(count_key, ()))) / 4 + 0.5
   np.testing.assert_allclose(float(new['clip_norm']), clip * math.exp(-lr * (b - quantile)),
                              rtol=1e-6)
   np.testing.assert_allclose(float(metrics['unclipped_fraction_noisy']), b, rtol=1e-6)
@@ -173,8 +174,10 @@ def test_reported_epsilon_is_dp_accounting_called_directly():
   assert dp_lib.round_epsilon(dp, 7, 10, 100) == _direct_epsilon(z_eff, 7, 0.1, 1e-5)
   dp.noise_multiplier = 0.0  # No noise: infinite epsilon, reported as None (JSON has no inf).
   assert dp_lib.epsilon(0.0, 7, 10, 100, 1e-5) == math.inf
-  summary = dp_lib.privacy_summary(dp, 7, 10, 100, clip_norm=0.25)
-  assert summary == {'epsilon': None, 'delta': 1e-5, 'noise_multiplier': 0.0,
+  summary = dp_lib.privacy_summary(dp, 7, 10, 100, clip_norm=0.25, unit='repositories')
+  assert summary == {'epsilon': None, 'unit': 'repositories',
+                     'initial_clip_norm': float(dp.clip_norm),
+                     'delta': 1e-5, 'noise_multiplier': 0.0,
                      'clip_norm': 0.25, 'rounds': 7, 'clients_per_round': 10,
                      'clients': 100, 'accountant': 'rdp'}
 

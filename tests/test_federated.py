@@ -408,6 +408,8 @@ def test_fit_with_finer_clients_dp_and_round_metrics(tmp_path, monkeypatch):
   assert rows[1]['privacy/clip_norm'] == pytest.approx(rows[0]['privacy/next_clip_norm'])
   privacy = summary['privacy']
   assert privacy == {'epsilon': rows[1]['privacy/epsilon'], 'delta': 1e-4,
+                     'unit': config.federated.clients,
+                     'initial_clip_norm': config.federated.dp.clip_norm,
                      'noise_multiplier': 0.8,
                      'clip_norm': pytest.approx(rows[1]['privacy/next_clip_norm']),
                      'rounds': 2, 'clients_per_round': 3, 'clients': 5, 'accountant': 'rdp'}

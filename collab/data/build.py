@@ -93,7 +93,7 @@ def validate(cfg: dict) -> None:
 def inputs_fingerprint(cfg: dict) -> str:
   """sha256 of the data config and of what every source would read."""
   h = hashlib.sha256(f'collab-data-v{BUILD_VERSION}\n'.encode())
-  # Canaries switched off leave the fingerprint of a config that predates them.
+  # Configs without canaries fingerprint the same whether or not the key exists.
   h.update(json.dumps({k: v for k, v in cfg.items() if k != 'data_dir' and not (
       k == 'canaries' and not canaries_lib.enabled(v))}, sort_keys=True).encode())
   specs = [s for p in cfg['participants'] for s in p['sources']]

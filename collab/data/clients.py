@@ -140,11 +140,11 @@ def majority(starts_A: np.ndarray, starts_B: np.ndarray, end: int) -> np.ndarray
   return out
 
 
-def block_files(prov: Provenance, num_blocks: int, seq_len: int) -> np.ndarray:
-  """file_N: the file holding most of each block's tokens."""
+def block_files(prov: Provenance, num_blocks: int, seq_len: int, where: str = '') -> np.ndarray:
+  """file_N: the file holding most of each block's tokens (`where` names them in errors)."""
   if num_blocks != prov.total // seq_len:
     raise ValueError(f'{num_blocks} blocks of {seq_len} tokens do not match the provenance '
-                     f'({prov.total} stream tokens); rebuild the data folder.')
+                     f'{where}({prov.total} stream tokens); rebuild the data folder.')
   return majority(np.arange(num_blocks, dtype=np.int64) * seq_len, prov.start_F,
                   num_blocks * seq_len)
 
@@ -253,7 +253,8 @@ def _view(blocks_NxL, index_n: np.ndarray):
 def _by_files(fed_cfg, data_dir: str, participant: str, blocks_NxL) -> tuple:
   """({client: view}, clients that own no block) of one participant by repository/directory."""
   prov = load_provenance(data_dir, participant)
-  file_N = block_files(prov, len(blocks_NxL), blocks_NxL.shape[1])
+  file_N = block_files(prov, len(blocks_NxL), blocks_NxL.shape[1],
+                       f"of {participant!r} in {provenance_path(data_dir, participant, 'train')} ")
   names, client_F = np.unique(_file_names(fed_cfg, participant, prov), return_inverse=True)
   client_N = client_F.reshape(-1)[file_N]
   counts = np.bincount(client_N, minlength=len(names))

@@ -96,10 +96,18 @@ def private_mean(sum_tree: PyTree, key: jax.Array, *, noise_std: jax.Array,
   return jax.tree_util.tree_map(lambda s, n: (s + n) / count, sum_tree, noise)
 
 
-def adapt_clip(clip: jax.Array, within: jax.Array, key: jax.Array, *, count: int,
-               target_quantile: float, learning_rate: float, count_noise: float) -> tuple:
-  """(next bound, noisy share b) after a round where `within` of `count` clients fit `clip`."""
-  b = (within + count_noise * jax.random.normal(key, (), jnp.float32)) / count
+def adapt_clip(clip: jax.Array, within: jax.Array, present: jax.Array, key: jax.Array, *,
+               count: int, target_quantile: float, learning_rate: float,
+               count_noise: float) -> tuple:
+  """(next bound, noisy share b) after a round where `within` of the `present` clients fit
+  `clip`, out of `count` expected.
+
+  As in Andrew et al. (and TFF), the released sum is of the bits shifted to +-1/2, so one
+  client moves it by 1/2 (whence the factor 2 in z_eff): b = (sum(bit - 1/2) + noise) /
+  count + 1/2. With exactly `count` clients present this is (within + noise) / count.
+  """
+  shifted = within - present / 2 + count_noise * jax.random.normal(key, (), jnp.float32)
+  b = shifted / count + 0.5
   return clip * jnp.exp(-learning_rate * (b - target_quantile)), b
 
 
@@ -163,9 +171,15 @@ def round_epsilon(dp_cfg, rounds: int, clients_per_round: int, clients: int) -> 
 
 
 def privacy_summary(dp_cfg, rounds: int, clients_per_round: int, clients: int,
-                    clip_norm: float) -> dict:
-  """train.json's `privacy` block; epsilon None means infinite (noise_multiplier 0)."""
+                    clip_norm: float, unit: str = 'participants') -> dict:
+  """train.json's `privacy` block; epsilon None means infinite (noise_multiplier 0).
+
+  `unit` is who one DP client is (config.federated.clients): the guarantee is for adding
+  or removing one such client. `clip_norm` is the final bound (adaptive clipping moves
+  it), `initial_clip_norm` the configured one.
+  """
   return {'epsilon': round_epsilon(dp_cfg, rounds, clients_per_round, clients),
+          'unit': unit, 'initial_clip_norm': float(dp_cfg.clip_norm),
           'delta': float(dp_cfg.delta), 'noise_multiplier': float(dp_cfg.noise_multiplier),
           'clip_norm': float(clip_norm), 'rounds': int(rounds),
           'clients_per_round': int(clients_per_round), 'clients': int(clients),

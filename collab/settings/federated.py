@@ -69,20 +69,23 @@ class Plan(NamedTuple):
 
 
 def local_steps(config, num_blocks_N, num_rounds: int, per_round: int, seq_len: int,
-                pad: bool = False) -> np.ndarray:
+                pad: bool = False, names=None) -> np.ndarray:
   """K_c per client: a matched budget, else fixed local steps, else local epochs.
 
   With `pad`, a client smaller than one batch has one (padded) batch per epoch.
   """
   fed, batch = config.federated, config.train.batch_size
-  per_epoch_N = np.asarray(num_blocks_N) // batch
+  num_blocks_N = np.asarray(num_blocks_N)
+  smallest = int(np.argmin(num_blocks_N))
+  who = repr(names[smallest]) if names is not None else f'#{smallest}'
+  per_epoch_N = num_blocks_N // batch
   if pad:
-    if np.any(np.asarray(num_blocks_N) == 0):
-      raise ValueError('A client holds no training blocks; its partition must drop it.')
+    if num_blocks_N[smallest] == 0:
+      raise ValueError(f'Client {who} holds no training blocks; its partition must drop it.')
     per_epoch_N = np.maximum(per_epoch_N, 1)
   if np.any(per_epoch_N == 0):
-    raise ValueError(f'A client has fewer training blocks ({min(num_blocks_N)}) than one batch '
-                     f'of {batch}; lower config.train.batch_size or add data.')
+    raise ValueError(f'Client {who} has fewer training blocks ({num_blocks_N[smallest]}) than '
+                     f'one batch of {batch}; lower config.train.batch_size or add data.')
   budget = int(config.train.get('budget_tokens', 0))
   if budget > 0:  # Every round: per_round clients, K steps of batch * (L - 1) tokens.
     k = run.budget_steps(budget, num_rounds * per_round * batch * (seq_len - 1))
@@ -105,7 +108,8 @@ def make_plan(config, train: dict, seq_len: int) -> Plan:
                      f'[0, {len(names)}] (0: all {len(names)} clients).')
   pad = fed.clients != 'participants'
   sizes_N = np.asarray([len(train[n]) for n in names])
-  steps_N = local_steps(config, sizes_N, fed.rounds, per_round, seq_len, pad=pad)
+  steps_N = local_steps(config, sizes_N, fed.rounds, per_round, seq_len, pad=pad,
+                        names=names)
   if fed.weighting not in ('blocks', 'uniform'):
     raise ValueError(f"Unknown config.federated.weighting {fed.weighting!r}; use 'blocks' "
                      "or 'uniform'.")
@@ -307,5 +311,5 @@ def _finish(config, workdir, model, eot_id, plan, state, seen_N, owner, seq_len,
   if fed.dp.enabled:
     summary['privacy'] = dp_lib.privacy_summary(
         fed.dp, plan.rounds, plan.per_round, len(plan.names),
-        float(jax.device_get(state['clip_norm'])))
+        float(jax.device_get(state['clip_norm'])), unit=fed.clients)
   return run.finish(workdir, state['params'], model.config, eot_id, summary)

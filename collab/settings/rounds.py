@@ -162,7 +162,7 @@ def server_fns(config, plan, init_boxed, optimizer, server_optimizer) -> tuple:
     metrics.update(clip_norm=clip, unclipped_fraction=acc['within'] / m)
     if dp.adaptive_clip:
       new['clip_norm'], metrics['unclipped_fraction_noisy'] = dp_lib.adapt_clip(
-          clip, acc['within'], count_key, count=m, target_quantile=float(dp.target_quantile),
+          clip, acc['within'], acc['weight'], count_key, count=m, target_quantile=float(dp.target_quantile),
           learning_rate=float(dp.clip_learning_rate), count_noise=float(dp.clip_count_noise))
       metrics['next_clip_norm'] = new['clip_norm']
     return new, metrics
