@@ -8,7 +8,10 @@ canaries/result.json, membership/result.json)
 and skipped when present, so an interrupted evaluation resumes where it stopped.
 """
 
+import hashlib
+import json
 import os
+import shutil
 import time
 
 import jax
@@ -59,10 +62,39 @@ def generate_fn(config, params, model_config, tokenizer, key, sampling_cfg):
   return fn
 
 
-def _cached(path: str, compute):
-  """The JSON at `path`, or compute() written there atomically (a part done is kept)."""
-  if os.path.isfile(path):
+def fingerprint(config, workdir: str, settings) -> str:
+  """What a cached evaluation depends on: its settings, the seed, the data folder's
+  inputs and the trained model (train.json is written once, when training ends)."""
+  h = hashlib.sha256(json.dumps({'settings': settings, 'seed': int(config.seed)},
+                                sort_keys=True, default=str).encode())
+  h.update(str(blocks_lib.load_manifest(run.data_dir_of(config, workdir)).get('inputs'))
+           .encode())
+  with open(os.path.join(workdir, run.TRAIN_JSON), 'rb') as f:
+    h.update(f.read())
+  return h.hexdigest()
+
+
+def _cached(path: str, compute, key: str, stale=()):
+  """The JSON at `path` if it was computed under `key`, else compute() written there.
+
+  `path + '.key'` is written before computing: under the same key, an interrupted part
+  resumes from its intermediate files; under another key (other settings, model or
+  data) its folder and `stale` files are removed first, so no old sample is reused.
+  """
+  key_path = path + '.key'
+  current = None
+  if os.path.isfile(key_path):
+    with open(key_path, encoding='utf-8') as f:
+      current = f.read()
+  if current == key and os.path.isfile(path):
     return io.read_json(path)
+  if current != key:
+    for old in (os.path.dirname(path),) + tuple(stale):
+      if os.path.isdir(old):
+        shutil.rmtree(old)
+      elif os.path.isfile(old):
+        os.remove(old)
+    io.atomic_write_text(key_path, key)
   result = compute()
   io.atomic_write_json(path, result)
   return result
@@ -73,8 +105,9 @@ def evaluate_passk(config, workdir: str, params, model_config, tokenizer) -> dic
   if not config.eval.passk.enabled:
     return None
   out_dir = os.path.join(workdir, 'passk')
+  key = fingerprint(config, workdir, [config.eval.passk.to_dict(), config.eval.stop_strings])
   return _cached(os.path.join(out_dir, 'result.json'), lambda: _passk(
-      config, out_dir, params, model_config, tokenizer))
+      config, out_dir, params, model_config, tokenizer), key)
 
 
 def _passk(config, out_dir: str, params, model_config, tokenizer) -> dict:
@@ -107,8 +140,14 @@ def evaluate_memorization(config, workdir: str, params, model_config,
   if not config.eval.memorization.enabled:
     return None
   out_dir = os.path.join(workdir, 'memorization')
+  fed = config.federated  # Who a client is decides the per-client attribution.
+  key = fingerprint(config, workdir, [
+      config.eval.memorization.to_dict(), config.eval.stop_strings, fed.clients,
+      fed.directory_depth, fed.synthetic_clients, fed.synthetic_partition,
+      fed.dirichlet_alpha])
   return _cached(os.path.join(out_dir, 'result.json'), lambda: _memorization(
-      config, workdir, out_dir, params, model_config, tokenizer))
+      config, workdir, out_dir, params, model_config, tokenizer), key,
+                 stale=(os.path.join(workdir, memorization.SAMPLES_JSONL),))
 
 
 def _memorization(config, workdir: str, out_dir: str, params, model_config,
@@ -155,7 +194,8 @@ def evaluate_canaries(config, workdir: str, tokenizer, score) -> dict | None:
     return None
   return _cached(os.path.join(workdir, 'canaries', 'result.json'), lambda: exposure.evaluate(
       score, tokenizer_lib.make_encoder(tokenizer), tokenizer_lib.eot_id(tokenizer), meta,
-      candidates=int(config.eval.canaries.candidates), seed=int(config.seed)))
+      candidates=int(config.eval.canaries.candidates), seed=int(config.seed)),
+                 fingerprint(config, workdir, config.eval.canaries.to_dict()))
 
 
 def evaluate_membership(config, workdir: str, tokenizer, score, seq_len: int) -> dict | None:
@@ -167,7 +207,7 @@ def evaluate_membership(config, workdir: str, tokenizer, score, seq_len: int) ->
       score, tokenizer_lib.make_encoder(tokenizer), tokenizer_lib.eot_id(tokenizer),
       run.data_dir_of(config, workdir), run.participant_names(config),
       max_files=int(cfg.max_files), seq_len=seq_len, k=float(cfg.min_k), fpr=float(cfg.fpr),
-      seed=int(config.seed)))
+      seed=int(config.seed)), fingerprint(config, workdir, [cfg.to_dict(), seq_len]))
 
 
 def evaluate_run(config, workdir: str) -> dict:
@@ -196,10 +236,31 @@ def evaluate_run(config, workdir: str) -> dict:
       # DP-FedAvg's budget as training reported it (epsilon None: no finite guarantee).
       'privacy': summary.get('privacy'),
   }
-  score = _lazy(lambda: scoring.make_scorer(params, model_config, int(config.eval.batch_size)))
+  # Whole blocks with their B x L x V logits, like validation: the evaluation batch size
+  # (config.eval.batch_size is for one-token decoding steps).
+  score = _lazy(lambda: scoring.make_scorer(params, model_config,
+                                            int(config.train.eval_batch_size)))
   results['canaries'] = evaluate_canaries(config, workdir, tokenizer, score)
   results['membership'] = evaluate_membership(
       config, workdir, tokenizer, score, min(int(manifest['seq_len']), model_config.max_len))
   results['evaluate_seconds'] = time.time() - start
   io.atomic_write_json(os.path.join(workdir, RESULTS_JSON), results)
+  io.atomic_write_text(os.path.join(workdir, RESULTS_JSON + '.key'), results_key(config, workdir))
   return results
+
+
+def results_key(config, workdir: str) -> str:
+  """The fingerprint of a run's results.json: every evaluation setting, model and data."""
+  fed = config.federated
+  return fingerprint(config, workdir, [config.eval.to_dict(), fed.clients, fed.directory_depth,
+                                       fed.synthetic_clients, fed.synthetic_partition,
+                                       fed.dirichlet_alpha, config.train.eval_batch_size])
+
+
+def load_current_results(config, workdir: str) -> dict | None:
+  """WORKDIR/results.json if it was evaluated under this config, else None."""
+  path = os.path.join(workdir, RESULTS_JSON)
+  if not (os.path.isfile(path) and os.path.isfile(path + '.key')):
+    return None
+  with open(path + '.key', encoding='utf-8') as f:
+    return io.read_json(path) if f.read() == results_key(config, workdir) else None

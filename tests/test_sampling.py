@@ -104,6 +104,9 @@ def test_same_key_same_samples_whatever_the_batching(params, prompts, sampled):
   assert sampled == gen(params, prompts, **SAMPLED)
   assert sampled == gen(params, prompts, batch_size=2, chunk_size=3, **SAMPLED)
   assert sampled != gen(params, prompts, **{**SAMPLED, 'key': jax.random.key(8)})
+  # A raw uint32[2] key (jax.random.PRNGKey) is the same key, on any number of devices.
+  assert len(jax.devices()) == 4
+  assert sampled == gen(params, prompts, **{**SAMPLED, 'key': jax.random.PRNGKey(7)})
 
 
 def test_shrinking_the_batch_changes_no_sample(params, monkeypatch):

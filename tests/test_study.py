@@ -89,6 +89,28 @@ def test_rerun_is_a_no_op_and_tables_are_byte_identical(finished):
     assert os.path.getmtime(os.path.join(workdir, n, 'results.json')) == t
 
 
+def test_a_changed_config_is_not_served_from_old_runs(finished):
+  config, workdir, _ = finished
+  changed = config.copy_and_resolve_references()
+  changed.federated.rounds = 3  # Training: the federated runs must not be reused.
+  with pytest.raises(ValueError, match=r'federated-fedavg.*federated\.rounds: 2 -> 3'):
+    study.run_study(changed, workdir)
+  # Evaluation: only the changed part is recomputed, under its new settings.
+  folder = os.path.join(workdir, 'centralized')
+  mem_before = os.path.getmtime(os.path.join(folder, 'memorization', 'result.json'))
+  changed = config.copy_and_resolve_references()
+  changed.eval.membership.max_files = 3
+  cfg = study.run_config(changed, study.RunSpec('centralized', {'setting': 'centralized'}),
+                         workdir)
+  r = study.run_one(cfg, folder)
+  assert r['membership']['settings']['max_files'] == 3
+  assert all(m['members'] <= 3 for m in r['membership']['participants'].values() if m)
+  assert os.path.getmtime(os.path.join(folder, 'memorization', 'result.json')) == mem_before
+  assert study.run_one(study.run_config(config, study.RunSpec(
+      'centralized', {'setting': 'centralized'}), workdir), folder)['membership'][
+          'settings']['max_files'] == config.eval.membership.max_files
+
+
 def test_command_lines_regenerate_the_same_tables(finished):
   import subprocess
   import sys

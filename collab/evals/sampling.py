@@ -277,8 +277,11 @@ def _start_batch(params, prompts, rows, key, width, cache_len, opts: _Options):
     done_B[slot], ids_B[slot] = False, r
   pre, dec = _compiled(opts.model_config, opts.sp, opts.eot_id, opts.max_new_tokens,
                        opts.rules, opts.mesh.devices.flat[0].platform)
-  args = shard_rows(opts.mesh, (prompts_BxS, lengths_B, budget_B, ids_B, done_B, key),
-                    opts.rules)
+  # The key is replicated whatever its shape (a raw uint32[2] key is no row array).
+  rows_sh = parallel.batch_sharding(opts.mesh, opts.rules)
+  whole = jax.sharding.NamedSharding(opts.mesh, jax.sharding.PartitionSpec())
+  args = jax.device_put((prompts_BxS, lengths_B, budget_B, ids_B, done_B, key),
+                        (rows_sh,) * 5 + (whole,))
   return pre(params, *args, cache_len=cache_len), dec
 
 
