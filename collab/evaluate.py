@@ -74,6 +74,13 @@ def fingerprint(config, workdir: str, settings) -> str:
   return h.hexdigest()
 
 
+def _client_fields(config) -> list:
+  """Who a client is (config.federated): it decides the per-client memorization."""
+  fed = config.federated
+  return [fed.clients, fed.directory_depth, fed.synthetic_clients, fed.synthetic_partition,
+          fed.dirichlet_alpha]
+
+
 def _cached(path: str, compute, key: str, stale=()):
   """The JSON at `path` if it was computed under `key`, else compute() written there.
 
@@ -140,11 +147,8 @@ def evaluate_memorization(config, workdir: str, params, model_config,
   if not config.eval.memorization.enabled:
     return None
   out_dir = os.path.join(workdir, 'memorization')
-  fed = config.federated  # Who a client is decides the per-client attribution.
-  key = fingerprint(config, workdir, [
-      config.eval.memorization.to_dict(), config.eval.stop_strings, fed.clients,
-      fed.directory_depth, fed.synthetic_clients, fed.synthetic_partition,
-      fed.dirichlet_alpha])
+  key = fingerprint(config, workdir, [config.eval.memorization.to_dict(),
+                                      config.eval.stop_strings, _client_fields(config)])
   return _cached(os.path.join(out_dir, 'result.json'), lambda: _memorization(
       config, workdir, out_dir, params, model_config, tokenizer), key,
                  stale=(os.path.join(workdir, memorization.SAMPLES_JSONL),))
@@ -251,10 +255,8 @@ def evaluate_run(config, workdir: str) -> dict:
 
 def results_key(config, workdir: str) -> str:
   """The fingerprint of a run's results.json: every evaluation setting, model and data."""
-  fed = config.federated
-  return fingerprint(config, workdir, [config.eval.to_dict(), fed.clients, fed.directory_depth,
-                                       fed.synthetic_clients, fed.synthetic_partition,
-                                       fed.dirichlet_alpha, config.train.eval_batch_size])
+  return fingerprint(config, workdir, [config.eval.to_dict(), _client_fields(config),
+                                       config.train.eval_batch_size])
 
 
 def load_current_results(config, workdir: str) -> dict | None:
