@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from collab import model as model_lib
+from collab.evals import decode_loop
 from collab.evals import processors
 from collab.evals import sampling
 
@@ -78,8 +79,8 @@ def test_cache_grows_between_chunks_and_still_equals_full_recompute(monkeypatch)
   params = peaked_params(cfg)
   rng = np.random.default_rng(4)
   prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (33, 1, 9, 20)]
-  grown, grow = [], sampling._grow_cache
-  monkeypatch.setattr(sampling, '_grow_cache',
+  grown, grow = [], decode_loop.grow_cache
+  monkeypatch.setattr(decode_loop, 'grow_cache',
                       lambda s, cache_len: (grown.append(cache_len), grow(s, cache_len))[1])
   got = sampling.generate(params, cfg, prompts, key=jax.random.key(0), max_new_tokens=70,
                           temperature=0.0, batch_size=4, progress=False)
@@ -115,8 +116,8 @@ def test_shrinking_the_batch_changes_no_sample(params, monkeypatch):
   prompts = [rng.integers(0, CFG.vocab_size, size=n).tolist() for n in lengths]
   whole = gen(params, prompts, chunk_size=NEW, **SAMPLED)  # One chunk: nothing to shrink.
   assert [len(w) for w in whole] == [min(NEW, CFG.max_len - n) for n in lengths]
-  shrinks, take_rows = [], sampling._take_rows
-  monkeypatch.setattr(sampling, '_take_rows',
+  shrinks, take_rows = [], decode_loop.take_rows
+  monkeypatch.setattr(decode_loop, 'take_rows',
                       lambda s, rows: (shrinks.append(len(rows)), take_rows(s, rows))[1])
   assert gen(params, prompts, chunk_size=2, **SAMPLED) == whole
   assert shrinks and shrinks[0] < 8
@@ -225,14 +226,14 @@ def test_transposed_unembedding_gives_the_tied_logits(params):
 
 
 def test_decode_options_are_used_where_xla_accepts_them(monkeypatch):
-  assert sampling._decode_options('cpu') == sampling._CPU_DECODE_OPTIONS
-  assert sampling._decode_options('gpu') == {}
-  monkeypatch.setattr(sampling, '_CPU_DECODE_OPTIONS', {'xla_cpu_no_such_option': 'x'})
-  sampling._decode_options.cache_clear()
+  assert decode_loop._decode_options('cpu') == decode_loop._CPU_DECODE_OPTIONS
+  assert decode_loop._decode_options('gpu') == {}
+  monkeypatch.setattr(decode_loop, '_CPU_DECODE_OPTIONS', {'xla_cpu_no_such_option': 'x'})
+  decode_loop._decode_options.cache_clear()
   try:
-    assert sampling._decode_options('cpu') == {}
+    assert decode_loop._decode_options('cpu') == {}
   finally:
-    sampling._decode_options.cache_clear()
+    decode_loop._decode_options.cache_clear()
 
 
 def test_top_p_keeps_the_smallest_most_likely_set():

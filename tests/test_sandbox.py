@@ -10,6 +10,7 @@ import time
 import pytest
 
 from collab.evals import sandbox
+from collab.evals import sandbox_exec
 
 STRONG = not sandbox._bwrap_problem()  # pylint: disable=protected-access
 needs_bwrap = pytest.mark.skipif(not STRONG, reason='bubblewrap cannot run here')
@@ -207,7 +208,7 @@ def test_signal_status_is_reported():
 
 @needs_bwrap
 def test_a_broken_server_is_an_error_not_a_hang(monkeypatch):
-  monkeypatch.setattr(sandbox, '_server_source', lambda: 'import sys; sys.exit(3)')
+  monkeypatch.setattr(sandbox_exec, '_server_source', lambda: 'import sys; sys.exit(3)')
   start = time.monotonic()
   outcomes = sandbox.run_many(['print(1)'] * 3, timeout=5, workers=2, progress=False)
   assert [o.status for o in outcomes] == ['error'] * 3
@@ -238,8 +239,8 @@ def test_non_root_sandbox(tmp_path):
   python = f'/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}'
   paths = [os.path.dirname(os.path.dirname(os.path.abspath(collab.__file__))),
            os.path.dirname(os.path.dirname(tqdm.__file__))]
-  bwrap = sandbox._bwrap_binary()  # pylint: disable=protected-access
-  reachable = all(sandbox._others_can_reach(p) for p in paths + [bwrap])  # pylint: disable=protected-access
+  bwrap = sandbox_exec.bwrap_binary()
+  reachable = all(sandbox_exec._others_can_reach(p) for p in paths + [bwrap])  # pylint: disable=protected-access
   if os.geteuid() != 0 or not shutil.which('setpriv') or not os.path.exists(python) or (
       not reachable):
     pytest.skip('needs root, setpriv, a system Python of this version, readable sources')
