@@ -2,12 +2,16 @@
 
 One short script for a lent GPU (an H100): collab's own `steps.train_step` (AdamW with
 weight-decay mask, global-norm clipping at 1.0, warmup-cosine schedule) under `jax.jit`
-with the state donated, at context 1024, for a few variants:
+with the state donated, at context 1024, for a few variants, most telling first:
 
-  - dropout 0.1, einsum attention ('xla'): the model as configured for training;
-  - dropout 0, fused attention ('cudnn'): what `config.model.attention='cudnn'` gives;
-  - dropout 0.1, einsum attention, dropout key of jax's 'rbg' PRNG (cheaper masks);
-  - dropout 0, einsum attention: separates the two effects (if time is left).
+  - the model as the gpt2 preset trains it: dropout 0.1 everywhere, einsum attention
+    ('xla'), vocabulary padded to 50304 (`vocab_multiple` 128);
+  - the same with the GPT-2 vocabulary unpadded (50257), the session-1 baseline;
+  - dropout 0.1 on embeddings and residuals but none on attention probabilities, so the
+    fused cuDNN attention trains (`attention_dropout=0`, `attention='cudnn'`), with
+    dropout masks from jax's 'rbg' PRNG (XLA's RngBitGenerator, cheaper than threefry);
+  - dropout 0 with cuDNN attention: the ceiling without any dropout;
+  - the fused variant at twice the batch (if time is left).
 
 MFU counts the model's matrix FLOPs only (the PaLM convention): per token
 6 * (matmul parameters, LM head included) + 12 * layers * context * d_model, against the
@@ -15,7 +19,7 @@ card's dense bfloat16 peak. XLA's own FLOP count of the compiled step is printed
 Prints one JSON object per variant as it finishes (partial results survive a timeout) and
 the whole result last; `--out` also writes it.
 
-  python -m bench.gpu_check [--size=gpt2] [--batch=16] [--steps=10] [--budget_s=150]
+  python -m bench.gpu_check [--size=gpt2] [--batch=16] [--steps=10] [--budget_s=300]
 
 Imports only collab.model and collab.steps (not configs/, which needs ml_collections):
 the lent machine has jax, flax and optax but nothing can be installed there.
@@ -42,17 +46,24 @@ from collab import steps
 SIZES = {'gpt2': (12, 12, 768, 1024, 50257), 'tiny': (2, 4, 128, 256, 8192)}
 # Dense bfloat16 tensor-core peaks (no sparsity), FLOP/s, by substring of device_kind.
 PEAK_BF16 = {'H100': 989.4e12, 'H200': 989.4e12, 'A100': 312e12}
-# (name, dropout, attention, PRNG of the dropout key). threefry is jax's default; 'rbg'
-# draws dropout masks with XLA's RngBitGenerator, much cheaper on GPUs.
-VARIANTS = (('dropout 0.1, xla attention', 0.1, 'xla', 'threefry2x32'),
-            ('dropout 0, cudnn attention', 0.0, 'cudnn', 'threefry2x32'),
-            ('dropout 0.1, xla attention, rbg dropout key', 0.1, 'xla', 'rbg'),
-            ('dropout 0, xla attention', 0.0, 'xla', 'threefry2x32'))
+# name -> (ModelConfig overrides, PRNG of the dropout key, batch multiplier). threefry is
+# jax's default; 'rbg' draws dropout masks with XLA's RngBitGenerator, cheaper on GPUs.
+PADDED = {'vocab_multiple': 128}
+VARIANTS = (
+    ('as configured: dropout 0.1, xla attention, vocab 50304', PADDED, 'threefry2x32', 1),
+    ('dropout 0.1, xla attention, vocab 50257', {}, 'threefry2x32', 1),
+    ('dropout 0.1 (attention 0), cudnn attention, vocab 50304, rbg',
+     {**PADDED, 'attention_dropout': 0.0, 'attention': 'cudnn'}, 'rbg', 1),
+    ('dropout 0, cudnn attention, vocab 50304',
+     {**PADDED, 'dropout': 0.0, 'attention': 'cudnn'}, 'threefry2x32', 1),
+    ('dropout 0.1 (attention 0), cudnn attention, vocab 50304, rbg, 2x batch',
+     {**PADDED, 'attention_dropout': 0.0, 'attention': 'cudnn'}, 'rbg', 2),
+)
 
 _SIZE = flags.DEFINE_enum('size', 'gpt2', sorted(SIZES), 'Model size.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Sequences per step.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per variant (after 2 warm-up steps).')
-_BUDGET = flags.DEFINE_float('budget_s', 150.0,
+_BUDGET = flags.DEFINE_float('budget_s', 300.0,
                              'Start no further variant once this many seconds have passed.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype.')
 _OUT = flags.DEFINE_string('out', '', 'Also write the JSON result here.')
@@ -66,7 +77,10 @@ def train_cfg():
 
 
 def flops_per_token(config: model_lib.ModelConfig) -> float:
-  """Training FLOPs per token: 6 x matmul parameters + 12 x layers x context x width."""
+  """Training FLOPs per token: 6 x matmul parameters + 12 x layers x context x width.
+
+  The real vocabulary counts, not the padded one: padding is work, not model FLOPs.
+  """
   D, F, L = config.d_model, config.d_ff, config.num_layers
   matmul_params = L * (3 * D * D + D * D + 2 * D * F) + config.vocab_size * D
   return 6.0 * matmul_params + 12.0 * L * config.max_len * D
@@ -109,7 +123,7 @@ def measure(config: model_lib.ModelConfig, batch_size: int, num_steps: int,
   tokens = batch_size * config.max_len
   model_flops = flops_per_token(config) * tokens
   peak = peak_flops(jax.devices()[0])
-  return {'compile_s': round(compile_s, 1), 'step_ms': round(1e3 * step_s, 2),
+  return {'batch': batch_size, 'compile_s': round(compile_s, 1), 'step_ms': round(1e3 * step_s, 2),
           'tokens_per_s': round(tokens / step_s), 'model_tflop_per_step': model_flops / 1e12,
           'xla_tflop_per_step': float(cost.get('flops', 0.0)) / 1e12 if cost else None,
           'achieved_tflop_s': round(model_flops / step_s / 1e12, 1),
@@ -128,18 +142,18 @@ def main(argv):
             'variants': {}}
   print(json.dumps({k: v for k, v in result.items() if k != 'variants'}), flush=True)
   start = time.perf_counter()
-  for name, dropout, attention, rng_impl in VARIANTS:
+  for name, overrides, rng_impl, batch_times in VARIANTS:
+    config = model_lib.ModelConfig(
+        vocab_size=vocab, num_layers=layers, num_heads=heads, d_model=d_model,
+        d_ff=4 * d_model, max_len=context, dtype=_DTYPE.value, **overrides)
     if time.perf_counter() - start > _BUDGET.value:
       result['variants'][name] = {'skipped': f'over the {_BUDGET.value:.0f} s budget'}
-    elif attention == 'cudnn' and device.platform != 'gpu':
+    elif config.attention == 'cudnn' and device.platform != 'gpu':
       result['variants'][name] = {'skipped': 'cudnn attention needs an NVIDIA GPU'}
     else:
-      config = model_lib.ModelConfig(
-          vocab_size=vocab, num_layers=layers, num_heads=heads, d_model=d_model,
-          d_ff=4 * d_model, max_len=context, dropout=dropout, dtype=_DTYPE.value,
-          attention=attention)
       try:
-        result['variants'][name] = measure(config, _BATCH.value, _STEPS.value, rng_impl)
+        result['variants'][name] = measure(config, batch_times * _BATCH.value, _STEPS.value,
+                                           rng_impl)
       except Exception as e:  # pylint: disable=broad-except
         # One failing variant (say, cuDNN missing) must not lose the others' figures.
         result['variants'][name] = {'error': f'{type(e).__name__}: {str(e)[:500]}'}

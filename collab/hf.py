@@ -62,7 +62,7 @@ def hf_config(config: ModelConfig, bos_token_id: Optional[int] = None,
       'n_embd': config.d_model, 'n_layer': config.num_layers, 'n_head': config.num_heads,
       'n_inner': config.d_ff, 'activation_function': 'gelu_new',
       'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout,
-      'attn_pdrop': config.dropout, 'layer_norm_epsilon': config.layer_norm_eps,
+      'attn_pdrop': config.attn_dropout, 'layer_norm_epsilon': config.layer_norm_eps,
       'initializer_range': 0.02, 'scale_attn_weights': True,
       'scale_attn_by_inverse_layer_idx': False, 'reorder_and_upcast_attn': False,
       'add_cross_attention': False, 'tie_word_embeddings': True, 'use_cache': True,
@@ -93,7 +93,11 @@ def _get(tree, path, what):
 
 def export_hf(params, config: ModelConfig, folder: str, *,
               bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> str:
-  """Writes `folder` (replacing it atomically) as a transformers GPT-2 checkpoint."""
+  """Writes `folder` (replacing it atomically) as a transformers GPT-2 checkpoint.
+
+  Padding rows of the embedding (`config.vocab_multiple`) are not written: they never
+  reach a logit, and transformers' vocab_size is the real one.
+  """
   params = _unwrap(params)
   shapes = nn.meta.unbox(abstract_params(config))
   tensors = {}
@@ -102,6 +106,8 @@ def export_hf(params, config: ModelConfig, folder: str, *,
     if ours.shape != expected:
       raise HFFormatError(f'params {"/".join(path)} has shape {ours.shape}, but this '
                           f'ModelConfig needs {expected}.')
+    if path == ('wte',):
+      ours = ours[:config.vocab_size]
     tensors[hf_name] = np.ascontiguousarray(ours.reshape(hf_shape))
   with io.atomic_dir(folder) as tmp:
     io.atomic_write_json(os.path.join(tmp, CONFIG_FILE),
@@ -112,7 +118,7 @@ def export_hf(params, config: ModelConfig, folder: str, *,
   return folder
 
 
-def config_from_hf(hf: dict, folder: str = '') -> ModelConfig:
+def config_from_hf(hf: dict, folder: str = '', vocab_multiple: int = 1) -> ModelConfig:
   """ModelConfig from a GPT-2 config.json dict; refuses variants our model cannot run."""
   where = f' in {os.path.join(folder, CONFIG_FILE)}' if folder else ''
   if hf.get('model_type') != 'gpt2':
@@ -132,13 +138,16 @@ def config_from_hf(hf: dict, folder: str = '') -> ModelConfig:
                         f'({ {k: hf.get(k) for k in bad} }); collab runs standard GPT-2 '
                         '(gelu_new, scaled attention, tied embeddings).')
   n_embd = int(hf['n_embd'])
+  dropout = float(hf.get('resid_pdrop', 0.1))
+  attn_dropout = float(hf.get('attn_pdrop', dropout))
   return ModelConfig(
       vocab_size=int(hf['vocab_size']), num_layers=int(hf['n_layer']),
       num_heads=int(hf['n_head']), d_model=n_embd,
       d_ff=int(hf.get('n_inner') or 4 * n_embd),
       max_len=int(hf.get('n_positions', hf.get('n_ctx', 1024))),
-      dropout=float(hf.get('resid_pdrop', 0.1)),
-      layer_norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)))
+      dropout=dropout, attention_dropout=None if attn_dropout == dropout else attn_dropout,
+      layer_norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)),
+      vocab_multiple=vocab_multiple)
 
 
 def _read_tensors(folder: str) -> dict:
@@ -173,14 +182,18 @@ def _canonical_names(tensors: dict) -> dict:
   return out
 
 
-def import_hf(folder: str):
-  """Reads a transformers GPT-2 folder: returns (params as float32 numpy, ModelConfig)."""
+def import_hf(folder: str, vocab_multiple: int = 1):
+  """Reads a transformers GPT-2 folder: returns (params as float32 numpy, ModelConfig).
+
+  With `vocab_multiple` > 1 the embedding gets zero padding rows, as a model with that
+  ModelConfig.vocab_multiple has (they change no logit).
+  """
   config_path = os.path.join(folder, CONFIG_FILE)
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{config_path} does not exist; import_hf needs a Hugging Face '
                             'GPT-2 folder (config.json + model.safetensors).')
   with open(config_path, encoding='utf-8') as f:
-    config = config_from_hf(json.load(f), folder)
+    config = config_from_hf(json.load(f), folder, vocab_multiple)
   tensors = _canonical_names(_read_tensors(folder))
   wte = tensors.get('transformer.wte.weight')
   head = tensors.pop('lm_head.weight', None)
@@ -204,5 +217,8 @@ def import_hf(folder: str):
     node = params
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = value.astype(np.float32).reshape(_get(shapes, path, 'model').shape)
+    value = value.astype(np.float32)
+    if path == ('wte',):
+      value = np.pad(value, ((0, config.padded_vocab - config.vocab_size), (0, 0)))
+    node[path[-1]] = value.reshape(_get(shapes, path, 'model').shape)
   return params, config

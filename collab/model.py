@@ -2,8 +2,11 @@
 
 Pre-LayerNorm blocks, GELU (tanh approximation, GPT-2's `gelu_new`), learned positions,
 tied input/output embeddings and dropout on embeddings, attention probabilities and
-residual branches. Parameters are float32; `ModelConfig.dtype` sets the compute dtype;
-logits are always float32. The parameter tree mirrors transformers' GPT-2 names
+residual branches (attention dropout can differ: the fused attention kernels have none).
+Parameters are float32; `ModelConfig.dtype` sets the compute dtype; logits are always
+float32 and always `vocab_size` wide, even where `vocab_multiple` pads the embedding
+table (a vocabulary like GPT-2's 50257 = 29 x 1733 neither tiles on matrix units nor
+shards over devices; the padded rows are never read nor emitted). The parameter tree mirrors transformers' GPT-2 names
 (`wte`, `wpe`, `h_{i}/{ln_1,attn,ln_2,mlp}`, `ln_f`) and layouts up to reshapes, which
 keeps `collab.hf` a table of renames.
 
@@ -42,9 +45,12 @@ class ModelConfig:
   dtype: str = 'float32'
   layer_norm_eps: float = LAYER_NORM_EPS
   attention: str = 'xla'  # 'cudnn': fused kernel (GPU) wherever attention dropout is off.
+  attention_dropout: Optional[float] = None  # None: `dropout`.
+  vocab_multiple: int = 1  # Embedding rows are padded to a multiple of this.
 
   def __post_init__(self):
-    for name in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len'):
+    for name in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len',
+                 'vocab_multiple'):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f'ModelConfig.{name} must be a positive int, got {value!r}.')
@@ -57,12 +63,24 @@ class ModelConfig:
     if self.attention not in ATTENTION:
       raise ValueError(f'ModelConfig.attention must be one of {ATTENTION}, '
                        f'got {self.attention!r}.')
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f'ModelConfig.dropout must be in [0, 1), got {self.dropout!r}.')
+    for name in ('dropout', 'attention_dropout'):
+      value = getattr(self, name)
+      if value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(f'ModelConfig.{name} must be in [0, 1), got {value!r}.')
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def attn_dropout(self) -> float:
+    """Dropout on attention probabilities (`dropout` unless set apart)."""
+    return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding table: vocab_size rounded up to vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   @property
   def compute_dtype(self):
@@ -75,11 +93,15 @@ class ModelConfig:
     if vocab <= 0:
       raise ValueError('No vocabulary size: config.model.vocab_size is 0 (take it from the '
                        'tokenizer) and no vocab_size argument was given.')
+    attention_dropout = model_cfg.get('attention_dropout')
     return cls(vocab_size=vocab, num_layers=int(model_cfg.num_layers),
                num_heads=int(model_cfg.num_heads), d_model=int(model_cfg.d_model),
                d_ff=int(model_cfg.d_ff), max_len=int(model_cfg.max_len),
                dropout=float(model_cfg.dropout), dtype=str(model_cfg.dtype),
-               attention=str(model_cfg.get('attention', 'xla')))
+               attention=str(model_cfg.get('attention', 'xla')),
+               attention_dropout=(None if attention_dropout is None
+                                  else float(attention_dropout)),
+               vocab_multiple=int(model_cfg.get('vocab_multiple', 1)))
 
 
 def _param(module: nn.Module, name: str, shape, axes, std: Optional[float]):
@@ -121,7 +143,7 @@ class Attention(nn.Module):
     scores_BxHxLxT = scores_BxHxLxT.astype(jnp.float32) / math.sqrt(cfg.head_dim)
     scores_BxHxLxT = jnp.where(mask_Bx1xLxT, scores_BxHxLxT, jnp.finfo(jnp.float32).min)
     probs_BxHxLxT = jax.nn.softmax(scores_BxHxLxT, axis=-1).astype(cfg.compute_dtype)
-    probs_BxHxLxT = nn.Dropout(cfg.dropout)(probs_BxHxLxT, deterministic=deterministic)
+    probs_BxHxLxT = nn.Dropout(cfg.attn_dropout)(probs_BxHxLxT, deterministic=deterministic)
     out_BxLxHxK = jnp.einsum(f'bhlt,{kv_axes}->blhk', probs_BxHxLxT, v)
     return nn.with_logical_constraint(out_BxLxHxK, ('batch', 'length', 'heads', 'kv'))
 
@@ -139,8 +161,8 @@ class Attention(nn.Module):
         nn.with_logical_constraint(qkv_BxLx3xHxK[:, :, i], ('batch', 'length', 'heads', 'kv'))
         for i in range(3))
     L = x_BxLxD.shape[1]
-    if cache is None and cfg.attention == 'cudnn' and (deterministic or not cfg.dropout):
-      # jax's fused attention has no dropout, hence only where dropout is off.
+    if cache is None and cfg.attention == 'cudnn' and (deterministic or not cfg.attn_dropout):
+      # jax's fused attention has no dropout, hence only where attention dropout is off.
       if jax.default_backend() != 'gpu':
         raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on "
                          f"{jax.default_backend()}; use model.attention='xla'.")
@@ -239,11 +261,15 @@ class GPT2(nn.Module):
       positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     if cache is not None:
       _check_cache(cache, cfg, B, L)
-    wte_VxD = _param(self, 'wte', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+    V = cfg.vocab_size
+    wte_VxD = _param(self, 'wte', (cfg.padded_vocab, cfg.d_model), ('vocab', 'embed'),
                      INIT_STD)
     wpe_PxD = _param(self, 'wpe', (cfg.max_len, cfg.d_model), (None, 'embed'), INIT_STD)
     # mode='fill' turns an out-of-range token or position into NaN, which training's
-    # NaN check reports, instead of silently clamping to the last row.
+    # NaN check reports, instead of silently clamping to the last row. Padding rows are
+    # out of range too: they go to an index past the table.
+    if cfg.padded_vocab != V:
+      tokens_BxL = jnp.where(tokens_BxL < V, tokens_BxL, cfg.padded_vocab)
     x_BxLxD = (jnp.take(wte_VxD, tokens_BxL, axis=0, mode='fill', fill_value=jnp.nan)
                + jnp.take(wpe_PxD, positions_BxL, axis=0, mode='fill',
                           fill_value=jnp.nan)).astype(dt)
@@ -266,7 +292,9 @@ class GPT2(nn.Module):
     else:
       logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, unembed_DxV.astype(dt),
                                 preferred_element_type=jnp.float32)
+    # The padded product runs at the aligned width; consumers of the slice fuse it.
     logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'vocab'))
+    logits_BxLxV = logits_BxLxV[..., :V] if cfg.padded_vocab != V else logits_BxLxV
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
 

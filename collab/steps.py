@@ -144,8 +144,11 @@ def loss_sums(params: PyTree, batch: dict, *, model: nn.Module, deterministic: b
   rngs = {} if dropout_rng is None else {'dropout': dropout_rng}
   logits_BxLxV = model.apply({'params': params}, tokens_BxL, deterministic=deterministic,
                              rngs=rngs)
+  # Every position gets a label (the last one a dummy, dropped below) so the [B, L, V]
+  # logits are consumed whole: slicing off their last position would copy them.
+  labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, :1]], axis=1)
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV[:, :-1].astype(jnp.float32), tokens_BxL[:, 1:])
+      logits_BxLxV.astype(jnp.float32), labels_BxL)[:, :-1]
   weights_B = _row_weights(batch, tokens_BxL)
   loss_sum = jnp.sum(nll_BxT * weights_B[:, None])
   token_count = jnp.sum(weights_B) * nll_BxT.shape[1]

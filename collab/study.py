@@ -115,12 +115,19 @@ def _differences(old, new, prefix: str = '') -> list:
   return [] if old == new else [f'{prefix[:-1]}: {old!r} -> {new!r}']
 
 
+# Config fields added since runs may have been trained, with the value that reproduces
+# how those runs trained: a run whose config.json lacks one was trained with that value.
+ADDED_FIELDS = {('model', 'attention_dropout'): None, ('model', 'vocab_multiple'): 1}
+
+
 def check_same_training(cfg, folder: str) -> None:
   """Raises if `folder` holds a run trained (or started) under another config."""
   path = os.path.join(folder, 'config.json')
   if not os.path.isfile(path):
     return
   old = _trained_as(ml_collections.ConfigDict(io.read_json(path)))
+  for (section, field), value in ADDED_FIELDS.items():
+    old.get(section, {}).setdefault(field, value)
   changed = _differences(old, _trained_as(cfg))
   if changed:
     raise ValueError(

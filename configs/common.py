@@ -42,10 +42,15 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
   c.max_len = max_len  # Learned positions; blocks may not be longer.
   c.vocab_size = 0  # 0: taken from the tokenizer at run time.
   c.dropout = 0.1  # Embedding, attention and residual dropout (GPT-2: 0.1).
+  # Dropout on attention probabilities alone; None: `dropout`. 0 lets 'cudnn' train.
+  c.attention_dropout = ml_collections.config_dict.placeholder(float)
   c.dtype = 'float32'  # Compute dtype: float32 or bfloat16; parameters stay float32.
   # 'xla' (einsum attention, any device) or 'cudnn' (fused attention: GPU, bfloat16; used
-  # where attention dropout is off, i.e. evaluation, sampling or dropout 0).
+  # where attention dropout is off: evaluation, sampling, or attention_dropout 0).
   c.attention = 'xla'
+  # Embedding rows padded to a multiple of this (same function: padding rows never reach
+  # a logit). GPT-2's 50257 -> 50304 tiles on tensor cores and shards over 'model'.
+  c.vocab_multiple = 128 if size.startswith('gpt2') else 1
   return c
 
 

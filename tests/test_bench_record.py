@@ -76,3 +76,19 @@ def test_bad_heading_and_duplicates_raise(tmp_path):
 def test_runner_passes_record_only_where_defined():
   assert '--record=docs/BENCHMARKS.md' in run_all.command('train_step', 'docs/BENCHMARKS.md')
   assert not any(a.startswith('--record') for a in run_all.command('train_step', ''))
+
+
+def test_gpu_check_runs_its_cpu_variants_so_a_device_session_needs_no_fixing(tmp_path):
+  """The prepared GPU script must not rot while no device is lent: smoke it on the CPU."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'gpu.json'
+  subprocess.run([sys.executable, '-m', 'bench.gpu_check', '--size=tiny', '--steps=1',
+                  '--batch=2', f'--out={out}'], check=True, capture_output=True, timeout=300,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  variants = json.loads(out.read_text())['variants']
+  ran = {n: v for n, v in variants.items() if 'skipped' not in v}
+  assert len(ran) == 2 and all(v['finite'] and v['tokens_per_s'] > 0 for v in ran.values())
+  assert all('cudnn' in n for n in variants if n not in ran)

@@ -210,3 +210,44 @@ def test_imports_a_folder_saved_by_transformers(tmp_path):
   with torch.no_grad():
     expected = peer(torch.tensor(tokens_BxL, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(_logits(params, config, tokens_BxL), expected, atol=1e-4, rtol=0)
+
+
+def test_padding_rows_are_not_exported_and_imports_pad_them(tmp_path):
+  padded_cfg = dataclasses.replace(CFG, vocab_multiple=64)  # 200 -> 256 rows.
+  padding = jax.random.normal(jax.random.key(3), (56, CFG.d_model))
+  padded = {**_params(), 'wte': jnp.concatenate([_params()['wte'], padding])}
+  a = hf.export_hf(padded, padded_cfg, str(tmp_path / 'padded'))
+  b = hf.export_hf(_params(), CFG, str(tmp_path / 'plain'))
+  for name in ('config.json', 'model.safetensors'):
+    with open(os.path.join(a, name), 'rb') as fa, open(os.path.join(b, name), 'rb') as fb:
+      assert fa.read() == fb.read(), name
+  params, config = hf.import_hf(a, vocab_multiple=64)
+  assert config == padded_cfg and params['wte'].shape == (256, CFG.d_model)
+  np.testing.assert_array_equal(params['wte'][200:], 0.0)
+  tokens_BxL = _tokens((2, 16))
+  # Equal up to the matmul's blocking, which depends on the padded width.
+  np.testing.assert_allclose(_logits(params, config, tokens_BxL),
+                             _logits(_params(), CFG, tokens_BxL), atol=1e-5, rtol=0)
+
+
+def test_attention_dropout_round_trips_as_attn_pdrop(tmp_path):
+  cfg = dataclasses.replace(CFG, dropout=0.1, attention_dropout=0.0)
+  folder = hf.export_hf(_params(), cfg, str(tmp_path / 'gpt2'))
+  with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+    written = json.load(f)
+  assert (written['attn_pdrop'], written['resid_pdrop'], written['embd_pdrop']) == (0.0, 0.1, 0.1)
+  assert hf.import_hf(folder)[1] == cfg
+  same = dataclasses.replace(CFG, dropout=0.1)
+  assert hf.import_hf(hf.export_hf(_params(), same, str(tmp_path / 'b')))[1] == same
+
+
+def test_init_from_a_hugging_face_folder_fits_a_padded_model(tmp_path):
+  from collab import checkpoint  # pylint: disable=g-import-not-at-top
+  from collab.settings import run  # pylint: disable=g-import-not-at-top
+  folder = hf.export_hf(_params(), CFG, str(tmp_path / 'gpt2'))
+  padded_cfg = dataclasses.replace(CFG, vocab_multiple=128)
+  abstract = nn.meta.unbox(M.abstract_params(padded_cfg))
+  params = checkpoint.place_params(run.params_importer(padded_cfg)(folder), abstract, folder)
+  assert params['wte'].shape == (256, CFG.d_model)
+  with pytest.raises(checkpoint.ParamsMismatchError, match='wte'):
+    checkpoint.place_params(run.params_importer(CFG)(folder), abstract, folder)

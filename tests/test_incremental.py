@@ -54,8 +54,8 @@ class Spy:
           os.path.dirname(workdir))), 'init_from': init_from})
       return fit(config, workdir, *args, init_from=init_from, **kwargs)
 
-    def spy_restore(engine, manager, init_from):
-      state, extra, source = restore(engine, manager, init_from)
+    def spy_restore(engine, manager, init_from, model_config):
+      state, extra, source = restore(engine, manager, init_from, model_config)
       self.stages[-1].update(source=source, params=jax.tree_util.tree_map(
           np.asarray, jax.device_get(engine.to_host(state)['params'])))
       return state, extra, source

@@ -62,7 +62,10 @@ def test_parameter_counts_of_size_presets():
             for size, vocab in (('tiny', 8192), ('small', 8192), ('gpt2', 50257))}
   assert 1.3e6 < counts['tiny'] < 1.7e6
   assert 6e6 < counts['small'] < 8e6
-  assert counts['gpt2'] == 124_439_808  # transformers' GPT2LMHeadModel('gpt2'), tied.
+  # transformers' GPT2LMHeadModel('gpt2'), tied, plus the preset's 47 padding rows.
+  gpt2 = M.ModelConfig.from_config(common.model_config('gpt2'), 50257)
+  assert gpt2.padded_vocab == 50304
+  assert counts['gpt2'] == 124_439_808 + (50304 - 50257) * 768
 
 
 def test_causality():
@@ -168,14 +171,16 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits():
   assert {x.dtype for x in jax.tree_util.tree_leaves(grads)} == {jnp.dtype('float32')}
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _dropped_out(cfg, params, tokens_BxL, seed):
+  return M.GPT2(cfg).apply({'params': params}, tokens_BxL, deterministic=False,
+                           rngs={'dropout': jax.random.key(seed)})
+
+
 def test_dropout_is_active_only_when_not_deterministic():
   params = _init()
   tokens_BxL = _tokens((2, 8))
-
-  @functools.partial(jax.jit, static_argnums=(0,))
-  def run(cfg, seed):
-    return M.GPT2(cfg).apply({'params': params}, tokens_BxL, deterministic=False,
-                             rngs={'dropout': jax.random.key(seed)})
+  run = lambda cfg, seed: _dropped_out(cfg, params, tokens_BxL, seed)
   assert np.abs(run(CFG, 0) - run(CFG, 1)).max() > 1e-3
   np.testing.assert_array_equal(run(CFG, 0), run(CFG, 0))
   no_dropout = dataclasses.replace(CFG, dropout=0.0)
@@ -226,3 +231,78 @@ def test_tiny_model_overfits_a_tiny_batch():
     losses.append(float(loss))
   assert np.isfinite(losses).all()
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+PADDED = dataclasses.replace(CFG, vocab_size=120, vocab_multiple=64)  # 128 embedding rows.
+
+
+def test_vocab_padding_changes_no_logit_and_padding_rows_are_not_tokens():
+  assert PADDED.padded_vocab == 128
+  assert dataclasses.replace(PADDED, vocab_size=128).padded_vocab == 128
+  params = _init(PADDED)
+  assert params['wte'].shape == (128, CFG.d_model)
+  unpadded = dataclasses.replace(PADDED, vocab_multiple=1)
+  real = {**params, 'wte': params['wte'][:120]}
+  tokens_BxL = _tokens((2, 16), vocab=120)
+  logits = _apply(PADDED)(params, tokens_BxL)
+  assert logits.shape == (2, 16, 120)
+  # Equal up to the matmul's blocking, which depends on the padded width.
+  np.testing.assert_allclose(logits, _apply(unpadded)(real, tokens_BxL), atol=1e-5, rtol=0)
+  # A padding row is no token: id 120 gives NaN as an id past the table does.
+  bad_2x2 = jnp.array([[1, 2], [1, 120]])
+  logits = _apply(PADDED)(params, bad_2x2)
+  assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()
+  with pytest.raises(ValueError, match='vocab_multiple'):
+    dataclasses.replace(CFG, vocab_multiple=0)
+
+
+def test_padded_vocabulary_shards_where_the_real_one_cannot():
+  """GPT-2's 50257 is odd: its rows split over no device count; padded ones do."""
+  mesh = jax.make_mesh((1, 4), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = common.parallel_config().rules
+  for cfg, splits in ((dataclasses.replace(CFG, vocab_size=122), False),
+                      (dataclasses.replace(CFG, vocab_size=122, vocab_multiple=8), True)):
+    specs = nn.get_partition_spec(M.abstract_params(cfg))
+    sharding = nn.logical_to_mesh_sharding(specs, mesh, rules)['wte']
+    assert sharding.spec == jax.sharding.PartitionSpec('model', None)
+    assert (cfg.padded_vocab % 4 == 0) == splits
+    if splits:
+      wte = jax.device_put(np.zeros((cfg.padded_vocab, cfg.d_model), np.float32), sharding)
+      assert wte.addressable_shards[0].data.shape == (cfg.padded_vocab // 4, cfg.d_model)
+    else:
+      with pytest.raises(ValueError, match='divisible|evenly'):
+        jax.device_put(np.zeros((cfg.padded_vocab, cfg.d_model), np.float32), sharding)
+
+
+def test_attention_dropout_is_set_apart_from_residual_dropout():
+  params = _init()
+  tokens_BxL = _tokens((2, 8))
+  run = lambda cfg, seed: _dropped_out(cfg, params, tokens_BxL, seed)
+  assert CFG.attn_dropout == CFG.dropout == 0.1
+  attention_only = dataclasses.replace(CFG, dropout=0.0, attention_dropout=0.5)
+  assert np.abs(run(attention_only, 0) - run(attention_only, 1)).max() > 1e-3
+  residual_only = dataclasses.replace(CFG, attention_dropout=0.0)
+  # Same residual masks, no attention masks: differs from dropping out both.
+  assert np.abs(run(residual_only, 0) - run(CFG, 0)).max() > 1e-3
+  with pytest.raises(ValueError, match='attention_dropout'):
+    dataclasses.replace(CFG, attention_dropout=1.0)
+  c = common.model_config('tiny')
+  assert M.ModelConfig.from_config(c, 300).attention_dropout is None
+  c.attention_dropout = 0.0
+  assert M.ModelConfig.from_config(c, 300).attn_dropout == 0.0
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='checks the non-GPU message')
+def test_training_takes_the_fused_path_when_only_attention_dropout_is_off():
+  """cudnn attention has no dropout: with attention dropout 0, training can use it."""
+  def train_forward(cfg):
+    params = jax.eval_shape(M.GPT2(dataclasses.replace(cfg, attention='xla')).init,
+                            jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+    return jax.eval_shape(functools.partial(M.GPT2(cfg).apply, deterministic=False),
+                          {'params': params}, jnp.zeros((1, 4), jnp.int32),
+                          rngs={'dropout': jax.random.key(0)})
+  fused = dataclasses.replace(CFG, attention='cudnn', attention_dropout=0.0)
+  with pytest.raises(ValueError, match='needs an NVIDIA GPU'):
+    train_forward(fused)  # The fused kernel is chosen (and refused off GPU).
+  assert train_forward(dataclasses.replace(fused, attention_dropout=None)).shape[-1] == 128

@@ -181,3 +181,29 @@ def test_nan_loss_is_reported_with_its_step(setup):
   with pytest.raises(steps.NonFiniteLossError, match='step 7'):
     steps.check_finite(metrics, 7)
   steps.check_finite({'loss_sum': np.float32(2.0)}, 8)  # Finite: no error.
+
+
+def test_padded_vocabulary_trains_exactly_like_the_real_one():
+  """Padding rows get no gradient; the real rows follow the unpadded model's trajectory."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from collab import model as model_lib  # pylint: disable=g-import-not-at-top
+  train_cfg, model, _ = tiny_setup()
+  optimizer = steps.make_optimizer(_train_cfg(optimizer='sgd', warmup_steps=0,
+                                              learning_rate=0.5), 10)
+  padded = model_lib.GPT2(dataclasses.replace(model.config, vocab_size=120, vocab_multiple=64))
+  state = jax.jit(functools.partial(steps.init_state, model=padded, optimizer=optimizer,
+                                    seq_len=SEQ_LEN))(jax.random.key(0))
+  real = {**state, 'params': {**state['params'], 'wte': state['params']['wte'][:120]}}
+  unpadded = model_lib.GPT2(dataclasses.replace(padded.config, vocab_multiple=1))
+  runs = {}
+  for name, m, st in (('padded', padded, state), ('unpadded', unpadded, real)):
+    step = jax.jit(functools.partial(steps.train_step, model=m, optimizer=optimizer))
+    losses = []
+    for i in range(3):
+      st, metrics = step(st, {'tokens': _batch(i)['tokens'] % 120}, jax.random.key(1))
+      losses.append(float(metrics['loss_sum']))
+    runs[name] = st, losses
+  np.testing.assert_allclose(runs['padded'][1], runs['unpadded'][1], rtol=1e-6)
+  wte = runs['padded'][0]['params']['wte']
+  np.testing.assert_allclose(wte[:120], runs['unpadded'][0]['params']['wte'], atol=1e-6)
+  np.testing.assert_array_equal(wte[120:], state['params']['wte'][120:])  # SGD, no grad.

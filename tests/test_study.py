@@ -95,8 +95,22 @@ def test_a_changed_config_is_not_served_from_old_runs(finished):
   changed.federated.rounds = 3  # Training: the federated runs must not be reused.
   with pytest.raises(ValueError, match=r'federated-fedavg.*federated\.rounds: 2 -> 3'):
     study.run_study(changed, workdir)
-  # Evaluation: only the changed part is recomputed, under its new settings.
+  # Runs trained before a config field existed were trained as its neutral value says.
   folder = os.path.join(workdir, 'centralized')
+  cfg = study.run_config(config, study.RunSpec('centralized', {'setting': 'centralized'}),
+                         workdir)
+  with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+    old = json.load(f)
+  for field in ('attention_dropout', 'vocab_multiple'):
+    del old['model'][field]
+  with open(os.path.join(folder, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(old, f)
+  study.check_same_training(cfg, folder)
+  padded = cfg.copy_and_resolve_references()
+  padded.model.vocab_multiple = 64
+  with pytest.raises(ValueError, match=r'model\.vocab_multiple: 1 -> 64'):
+    study.check_same_training(padded, folder)
+  # Evaluation: only the changed part is recomputed, under its new settings.
   mem_before = os.path.getmtime(os.path.join(folder, 'memorization', 'result.json'))
   changed = config.copy_and_resolve_references()
   changed.eval.membership.max_files = 3

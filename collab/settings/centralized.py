@@ -66,7 +66,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
   engine = run.make_engine(config, model, optimizer, init_key)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints,
                                     config.train.checkpoint_every)
-  state, extra, source = run.restore_or_init(engine, manager, init_from)
+  state, extra, source = run.restore_or_init(engine, manager, init_from, model.config)
   start = int(jax.device_get(engine.to_host(state)['step']))
   logging.info('%s: %s at step %d of %d.', workdir, source, start, num_steps)
   batches = blocks_lib.BatchIterator(pooled, config.train.batch_size, data_seed,

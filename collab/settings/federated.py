@@ -246,7 +246,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
                                     fed.checkpoint_every)
   state, extra, source = checkpoint.restore_or_init(
       manager, programs.abstract_state, programs.init, config.train.init_from or None,
-      import_params=run.import_params)
+      import_params=run.params_importer(model.config))
   start = int(jax.device_get(state['step']))
   per_client = round_metrics.keeps_per_client(len(plan.names), fed.clients)
   logging.info('%s: %s at round %d of %d; %d clients (%s), %d per round, local steps %s.',

@@ -179,16 +179,17 @@ def _pmap_engine(init_fn, step_fn, init_key) -> Engine:
                 lambda s: jax.device_get(parallel.unreplicate(s)), step)
 
 
-def import_params(folder: str) -> PyTree:
-  """The parameters of a Hugging Face GPT-2 folder (an `init_from` source)."""
-  return hf.import_hf(folder)[0]
+def params_importer(model_config: ModelConfig):
+  """Reads a Hugging Face GPT-2 folder (an `init_from` source) for this model's layout."""
+  return lambda folder: hf.import_hf(folder, model_config.vocab_multiple)[0]
 
 
-def restore_or_init(engine: Engine, manager, init_from: str) -> tuple:
+def restore_or_init(engine: Engine, manager, init_from: str,
+                    model_config: ModelConfig) -> tuple:
   """(state in the engine's layout, extra, source) as checkpoint.restore_or_init says."""
   state, extra, source = checkpoint.restore_or_init(
       manager, engine.abstract_state, engine.init, init_from or None,
-      import_params=import_params)
+      import_params=params_importer(model_config))
   return engine.to_device(state), extra, source
 
 
