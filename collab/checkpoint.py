@@ -78,7 +78,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -
   except (ValueError, KeyError) as e:
     raise ParamsMismatchError(
         f'The checkpoint at step {step} in {manager.directory} does not match this run\'s '
-        'state (did the model or optimizer config change? start a new workdir): '
+        'state (did the model or optimizer config change? start a new workdir; runs from '
+        'before embedding padding need --config.model.vocab_multiple=1): '
         f'{e}') from e
   return restored[STATE], dict(restored[EXTRA] or {})
 
@@ -136,7 +137,8 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: PyTree,
   restoring against it keeps optimizer state types and places every shard directly.
   `init_fn()` builds a fresh state. `init_from` is another run's workdir (its latest
   parameters, fresh optimizer) or a folder with config.json + model.safetensors, read by
-  `import_params(folder) -> params` (e.g. `lambda f: collab.hf.import_hf(f)[0]`).
+  `import_params(folder) -> params` (collab.settings.run.params_importer(model_config)
+  pads and checks them for the model).
   `source` is 'resume', 'init_from' or 'scratch'; `extra` is {} unless resumed.
   """
   step = manager.latest_step()
@@ -149,7 +151,7 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: PyTree,
   if _is_hf_folder(init_from):
     if import_params is None:
       raise ValueError(f'init_from {init_from!r} is a Hugging Face folder; pass '
-                       'import_params (e.g. lambda f: collab.hf.import_hf(f)[0]) to read it.')
+                       'import_params (collab.settings.run.params_importer(model_config)) to read it.')
     params = place_params(import_params(init_from), abstract_params, init_from)
   elif os.path.isdir(checkpoint_dir(init_from)):
     params = _run_params(init_from, abstract_params)

@@ -39,14 +39,15 @@ class NotTrainedError(FileNotFoundError):
   """The run has no finished training to evaluate."""
 
 
-def load_final(workdir: str) -> tuple:
-  """(params, ModelConfig, train summary) of a finished run."""
+def load_final(workdir: str, vocab_multiple: int = 1) -> tuple:
+  """(params, ModelConfig, train summary) of a finished run, its embedding padded to
+  `vocab_multiple` rows (what config.model trained with: aligned matrix products)."""
   summary_path = os.path.join(workdir, run.TRAIN_JSON)
   final = os.path.join(workdir, run.FINAL_DIR)
   if not (os.path.isfile(summary_path) and os.path.isdir(final)):
     raise NotTrainedError(f'{workdir!r} has no finished training ({run.TRAIN_JSON} and '
                           f'{run.FINAL_DIR}/); train it first with python -m launch.train.')
-  params, model_config = hf.import_hf(final)
+  params, model_config = hf.import_hf(final, vocab_multiple)
   return jax.tree_util.tree_map(np.asarray, params), model_config, io.read_json(summary_path)
 
 
@@ -217,7 +218,8 @@ def evaluate_membership(config, workdir: str, tokenizer, score, seq_len: int) ->
 def evaluate_run(config, workdir: str) -> dict:
   """Writes and returns WORKDIR/results.json for a finished run."""
   start = time.time()
-  params, model_config, summary = load_final(workdir)
+  params, model_config, summary = load_final(
+      workdir, int(config.model.get('vocab_multiple', 1)))
   data_dir = run.data_dir_of(config, workdir)
   manifest = blocks_lib.load_manifest(data_dir)  # A clear error when the data is gone.
   tokenizer = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer'))

@@ -6,7 +6,7 @@ residual branches (attention dropout can differ: the fused attention kernels hav
 Parameters are float32; `ModelConfig.dtype` sets the compute dtype; logits are always
 float32 and always `vocab_size` wide, even where `vocab_multiple` pads the embedding
 table (a vocabulary like GPT-2's 50257 = 29 x 1733 neither tiles on matrix units nor
-shards over devices; the padded rows are never read nor emitted). The parameter tree mirrors transformers' GPT-2 names
+shards over devices). Padding rows start at zero, get no gradient and reach no logit. The parameter tree mirrors transformers' GPT-2 names
 (`wte`, `wpe`, `h_{i}/{ln_1,attn,ln_2,mlp}`, `ln_f`) and layouts up to reshapes, which
 keeps `collab.hf` a table of renames.
 
@@ -116,6 +116,18 @@ def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
       name=name)
+
+
+def _embedding_init(config: ModelConfig):
+  """normal(INIT_STD) rows for the vocabulary, then zero padding rows.
+
+  Zero rows stay zero under AdamW and weight decay (their gradient is zero), add nothing
+  to update norms, and the real rows are what an unpadded model draws from the same key.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    rows = nn.initializers.normal(INIT_STD)(key, (config.vocab_size,) + shape[1:], dtype)
+    return jnp.pad(rows, ((0, shape[0] - config.vocab_size), (0, 0)))
+  return init
 
 
 def _residual_std(config: ModelConfig) -> float:
@@ -262,14 +274,15 @@ class GPT2(nn.Module):
     if cache is not None:
       _check_cache(cache, cfg, B, L)
     V = cfg.vocab_size
-    wte_VxD = _param(self, 'wte', (cfg.padded_vocab, cfg.d_model), ('vocab', 'embed'),
-                     INIT_STD)
+    wte_VxD = self.param('wte', nn.with_logical_partitioning(_embedding_init(cfg),
+                                                             ('vocab', 'embed')),
+                         (cfg.padded_vocab, cfg.d_model), jnp.float32)
     wpe_PxD = _param(self, 'wpe', (cfg.max_len, cfg.d_model), (None, 'embed'), INIT_STD)
     # mode='fill' turns an out-of-range token or position into NaN, which training's
-    # NaN check reports, instead of silently clamping to the last row. Padding rows are
-    # out of range too: they go to an index past the table.
-    if cfg.padded_vocab != V:
-      tokens_BxL = jnp.where(tokens_BxL < V, tokens_BxL, cfg.padded_vocab)
+    # NaN check reports, instead of silently clamping to the last row. Negative ids
+    # (which take would wrap) and padding rows go to an index past the table.
+    tokens_BxL = jnp.where((tokens_BxL >= 0) & (tokens_BxL < V), tokens_BxL,
+                           cfg.padded_vocab)
     x_BxLxD = (jnp.take(wte_VxD, tokens_BxL, axis=0, mode='fill', fill_value=jnp.nan)
                + jnp.take(wpe_PxD, positions_BxL, axis=0, mode='fill',
                           fill_value=jnp.nan)).astype(dt)

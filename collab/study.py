@@ -9,14 +9,12 @@ interrupted anywhere resumes, and a finished one re-prints its tables in seconds
 """
 
 import itertools
-import json
 import os
 import platform
 import time
 from typing import NamedTuple
 
 from absl import logging
-import ml_collections
 from tqdm import auto as tqdm
 
 from collab import evaluate
@@ -94,55 +92,13 @@ def run_config(config, spec: RunSpec, workdir: str):
   return cfg
 
 
-def _trained_as(cfg) -> dict:
-  """The parts of a run's config that decide its training (not paths, mesh or evals)."""
-  c = json.loads(cfg.to_json_best_effort())
-  c['data'].pop('data_dir', None)
-  keep = ['seed', 'setting', 'single', 'model', 'data', 'train']
-  if cfg.setting == 'federated':
-    keep.append('federated')
-  if cfg.setting == 'incremental':
-    c['incremental'].pop('stages_dir', None)
-    keep.append('incremental')
-  return {k: c[k] for k in keep}
-
-
-def _differences(old, new, prefix: str = '') -> list:
-  """Dotted paths where two JSON trees differ."""
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [d for k in sorted(set(old) | set(new))
-            for d in _differences(old.get(k), new.get(k), f'{prefix}{k}.')]
-  return [] if old == new else [f'{prefix[:-1]}: {old!r} -> {new!r}']
-
-
-# Config fields added since runs may have been trained, with the value that reproduces
-# how those runs trained: a run whose config.json lacks one was trained with that value.
-ADDED_FIELDS = {('model', 'attention_dropout'): None, ('model', 'vocab_multiple'): 1}
-
-
-def check_same_training(cfg, folder: str) -> None:
-  """Raises if `folder` holds a run trained (or started) under another config."""
-  path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(path):
-    return
-  old = _trained_as(ml_collections.ConfigDict(io.read_json(path)))
-  for (section, field), value in ADDED_FIELDS.items():
-    old.get(section, {}).setdefault(field, value)
-  changed = _differences(old, _trained_as(cfg))
-  if changed:
-    raise ValueError(
-        f'Run folder {folder!r} was trained with another config ({"; ".join(changed[:5])}'
-        f'{"; ..." if len(changed) > 5 else ""}). Use a new --workdir for the changed study, '
-        'or delete that run folder to train it again.')
-
-
 def run_one(cfg, folder: str) -> dict:
   """Trains (or resumes) and evaluates one run; returns its results.
 
   A finished run is reused only if it was trained under the same config; its results
   are reused only if they were evaluated under the same settings (collab.evaluate).
   """
-  check_same_training(cfg, folder)
+  run.check_same_training(cfg, folder)
   if not run.is_done(folder):
     train_lib.train(cfg, folder)
   return (evaluate.load_current_results(cfg, folder)

@@ -251,3 +251,13 @@ def test_init_from_a_hugging_face_folder_fits_a_padded_model(tmp_path):
   assert params['wte'].shape == (256, CFG.d_model)
   with pytest.raises(checkpoint.ParamsMismatchError, match='wte'):
     checkpoint.place_params(run.params_importer(CFG)(folder), abstract, folder)
+
+
+def test_init_from_refuses_another_vocabulary_padded_to_the_same_rows(tmp_path):
+  from collab import checkpoint  # pylint: disable=g-import-not-at-top
+  from collab.settings import run  # pylint: disable=g-import-not-at-top
+  folder = hf.export_hf(_params(), CFG, str(tmp_path / 'gpt2'))  # 200 -> 256 rows at 64.
+  for vocab in (250, 193):
+    model_cfg = dataclasses.replace(CFG, vocab_size=vocab, vocab_multiple=64)
+    with pytest.raises(checkpoint.ParamsMismatchError, match=f'vocab_size 200 \\(model: {vocab}\\)'):
+      run.params_importer(model_cfg)(folder)

@@ -182,3 +182,21 @@ def test_command_line_chain(tiny_data, tmp_path, compile_cache):  # noqa: F811
                                                     'gamma': STEPS * 8 * 31}
   for stage in ('beta', 'beta-gamma'):  # Every stage keeps its checkpoint.
     assert (tmp_path / 'stages' / stage / 'checkpoints' / str(STEPS)).is_dir()
+
+
+def test_a_stage_trained_under_another_config_is_not_reused(tmp_path):
+  """Stages are shared across chains (whatever the rest of the order), not across configs."""
+  stage = str(tmp_path / 'stages' / 'alpha')
+  config = _config(str(tmp_path / 'data'), 'alpha')
+  run.write_config(stage, incremental.stage_config(config, 1))
+  other_order = _config(str(tmp_path / 'data'), 'alpha,beta', all_orders=True)
+  run.check_same_training(other_order, stage, ignore=incremental.CHAIN_FIELDS)
+  with pytest.raises(ValueError, match='incremental.order'):
+    run.check_same_training(other_order, stage)
+  other_lr = _config(str(tmp_path / 'data'), 'alpha')
+  other_lr.train.learning_rate *= 2
+  with pytest.raises(ValueError, match=r'train\.learning_rate'):
+    incremental.run_stage(other_lr, str(tmp_path), ['alpha'], 0, model=None, data=None)
+  run.claim_workdir(str(tmp_path), other_lr)  # Nothing recorded there yet: it claims it.
+  with pytest.raises(ValueError, match=r'train\.learning_rate'):
+    run.claim_workdir(str(tmp_path), config)

@@ -92,9 +92,9 @@ def test_out_of_range_positions_and_tokens_give_nan_not_garbage():
   positions_2x4 = jnp.array([[0, 1, 2, 3], [0, 1, 2, CFG.max_len]])
   logits = apply({'params': params}, _tokens((2, 4)), positions_BxL=positions_2x4)
   assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()
-  bad_tokens_2x2 = jnp.array([[1, 2], [1, CFG.vocab_size]])
-  logits = apply({'params': params}, bad_tokens_2x2)
-  assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()
+  for bad in (CFG.vocab_size, -1):  # take() would wrap -1 to the last row.
+    logits = apply({'params': params}, jnp.array([[1, 2], [1, bad]]))
+    assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()
 
 
 def _decode_with_cache(params, cfg, seqs, prompt_lens, steps):
@@ -243,6 +243,10 @@ def test_vocab_padding_changes_no_logit_and_padding_rows_are_not_tokens():
   assert params['wte'].shape == (128, CFG.d_model)
   unpadded = dataclasses.replace(PADDED, vocab_multiple=1)
   real = {**params, 'wte': params['wte'][:120]}
+  # Padding rows start at zero; the real ones are what the unpadded model draws.
+  np.testing.assert_array_equal(params['wte'][120:], 0.0)
+  for x, y in zip(jax.tree_util.tree_leaves(real), jax.tree_util.tree_leaves(_init(unpadded))):
+    np.testing.assert_array_equal(x, y)
   tokens_BxL = _tokens((2, 16), vocab=120)
   logits = _apply(PADDED)(params, tokens_BxL)
   assert logits.shape == (2, 16, 120)

@@ -26,6 +26,9 @@ from collab.settings import centralized
 from collab.settings import run
 
 STAGES_DIR = 'stages'
+# Config sections that name a chain, not how any one stage trains (one workdir holds many
+# chains: an order, then all orders).
+CHAIN_FIELDS = ('incremental',)
 
 
 def orders(config) -> list:
@@ -69,11 +72,13 @@ def stage_config(config, num_stages: int):
 def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> dict:
   """Stage k of `order` (done already, resumed, or started from stage k-1): its summary."""
   folder = stage_dir(config, workdir, order[:k + 1])
+  cfg = stage_config(config, len(order))
+  # Stages are shared by every chain with the same prefix, whatever the rest of its order.
+  run.check_same_training(cfg, folder, ignore=CHAIN_FIELDS)
   path = os.path.join(folder, run.TRAIN_JSON)
   if os.path.isfile(path):
     return io.read_json(path)
   init_from = stage_dir(config, workdir, order[:k]) if k else config.train.init_from
-  cfg = stage_config(config, len(order))
   run.write_config(folder, cfg)
   return centralized.fit(cfg, folder, model, {order[k]: data.train[order[k]]}, data.valid,
                          init_from=init_from, eot_id=data.manifest['eot_id'],
@@ -118,7 +123,7 @@ def train(config, workdir: str) -> dict:
   chains = orders(config)
   data = run.load_data(config, workdir, list(chains[0]))
   model, _ = run.make_model(config, data.manifest)
-  run.write_config(workdir, config)
+  run.claim_workdir(workdir, config, ignore=CHAIN_FIELDS)
   start = time.time()
   results = [run_chain(config, workdir, order, model, data) for order in chains]
   summary = {'setting': 'incremental', 'participants': results[0]['order'], **results[0],

@@ -6,12 +6,14 @@ them knows which setting it serves. The engine hides the parallel mode: the pjit
 """
 
 import functools
+import json
 import math
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from collab import checkpoint
@@ -180,8 +182,24 @@ def _pmap_engine(init_fn, step_fn, init_key) -> Engine:
 
 
 def params_importer(model_config: ModelConfig):
-  """Reads a Hugging Face GPT-2 folder (an `init_from` source) for this model's layout."""
-  return lambda folder: hf.import_hf(folder, model_config.vocab_multiple)[0]
+  """Reads a Hugging Face GPT-2 folder (an `init_from` source) for this model's layout.
+
+  Shapes alone cannot tell two vocabularies apart once both are padded to the same
+  rows, so the folder's architecture must equal the model's.
+  """
+  fields = ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len')
+
+  def read(folder: str) -> PyTree:
+    params, config = hf.import_hf(folder, model_config.vocab_multiple)
+    differ = [f'{f} {getattr(config, f)} (model: {getattr(model_config, f)})'
+              for f in fields if getattr(config, f) != getattr(model_config, f)]
+    if differ:
+      raise checkpoint.ParamsMismatchError(
+          f'init_from {folder!r} holds another model: {", ".join(differ)}; set '
+          'config.model to its size and build the data with its tokenizer '
+          '(data.tokenizer.path).')
+    return params
+  return read
 
 
 def restore_or_init(engine: Engine, manager, init_from: str,
@@ -191,6 +209,60 @@ def restore_or_init(engine: Engine, manager, init_from: str,
       manager, engine.abstract_state, engine.init, init_from or None,
       import_params=params_importer(model_config))
   return engine.to_device(state), extra, source
+
+
+def _trained_as(cfg, ignore=()) -> dict:
+  """The parts of a run's config that decide its training (not paths, mesh or evals)."""
+  c = json.loads(cfg.to_json_best_effort())
+  c['data'].pop('data_dir', None)
+  keep = ['seed', 'setting', 'single', 'model', 'data', 'train']
+  if cfg.setting == 'federated':
+    keep.append('federated')
+  if cfg.setting == 'incremental':
+    c['incremental'].pop('stages_dir', None)
+    keep.append('incremental')
+  return {k: c[k] for k in keep if k not in ignore}
+
+
+def _differences(old, new, prefix: str = '') -> list:
+  """Dotted paths where two JSON trees differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new))
+            for d in _differences(old.get(k), new.get(k), f'{prefix}{k}.')]
+  return [] if old == new else [f'{prefix[:-1]}: {old!r} -> {new!r}']
+
+
+# Config fields added since runs may have been trained, with the value that reproduces
+# how those runs trained: a run whose config.json lacks one was trained with that value.
+ADDED_FIELDS = {('model', 'attention_dropout'): None, ('model', 'vocab_multiple'): 1}
+
+
+def check_same_training(cfg, folder: str, ignore=()) -> None:
+  """Raises if `folder` holds a run trained (or started) under another config.
+
+  `ignore` names top-level sections that do not decide this folder's training (a
+  shared incremental stage does not depend on the rest of its chain's order).
+  """
+  path = os.path.join(folder, 'config.json')
+  if not os.path.isfile(path):
+    return
+  old = _trained_as(ml_collections.ConfigDict(io.read_json(path)), ignore)
+  for (section, field), value in ADDED_FIELDS.items():
+    old.get(section, {}).setdefault(field, value)
+  changed = _differences(old, _trained_as(cfg, ignore))
+  if changed:
+    hint = (' Runs from before embedding padding read with --config.model.vocab_multiple=1.'
+            if any(c.startswith('model.vocab_multiple:') for c in changed) else '')
+    raise ValueError(
+        f'Run folder {folder!r} was trained with another config ({"; ".join(changed[:5])}'
+        f'{"; ..." if len(changed) > 5 else ""}). Use a new --workdir for the changed run, '
+        f'or delete that run folder to train it again.{hint}')
+
+
+def claim_workdir(workdir: str, config, ignore=()) -> None:
+  """Checks that `workdir` holds no run of another config, then records this one."""
+  check_same_training(config, workdir, ignore)
+  write_config(workdir, config)
 
 
 def write_config(workdir: str, config) -> None:
