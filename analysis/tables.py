@@ -27,9 +27,11 @@ SETTING_ORDER = ('single', 'centralized', 'federated', 'incremental')
 # ---- Reading ----------------------------------------------------------------------------
 
 def load_results(workdir: str) -> list:
-  """Every run's results.json under `workdir`, sorted by setting then name."""
+  """The study's runs' results.json (summary.json's `runs`; without one, every
+  `*/results.json` under `workdir`), sorted by setting then name. Folders of runs the
+  study no longer asks for stay on disk but out of its tables."""
   runs = []
-  for name in sorted(os.listdir(workdir)):
+  for name in load_summary(workdir).get('runs') or sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name, 'results.json')
     if os.path.isfile(path):
       with open(path, encoding='utf-8') as f:

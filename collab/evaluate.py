@@ -112,6 +112,11 @@ def evaluate_passk(config, workdir: str, params, model_config, tokenizer) -> dic
   """pass@k on HumanEval with n samples per problem; cached in WORKDIR/passk/."""
   if not config.eval.passk.enabled:
     return None
+  bad = [k for k in config.eval.passk.ks if int(k) < 1]
+  if bad or int(config.eval.passk.n) < 1:
+    raise ValueError(f'config.eval.passk.ks={tuple(config.eval.passk.ks)} and n='
+                     f'{config.eval.passk.n}: every k and n must be >= 1 (ks above n are '
+                     'skipped); fix them before sampling starts.')
   out_dir = os.path.join(workdir, 'passk')
   key = fingerprint(config, workdir, [config.eval.passk.to_dict(), config.eval.stop_strings])
   return _cached(os.path.join(out_dir, 'result.json'), lambda: _passk(
@@ -215,6 +220,20 @@ def evaluate_membership(config, workdir: str, tokenizer, score, seq_len: int) ->
       seed=int(config.seed)), fingerprint(config, workdir, [cfg.to_dict(), seq_len]))
 
 
+def check_trained_as(config, workdir: str, data_inputs: str | None) -> None:
+  """Raises unless `config` (and the data) are what `workdir` trained with: results.json
+  records the setting, seed and clients of the config it is evaluated under."""
+  ignore = ('incremental',) if config.setting == 'incremental' else ()
+  changed = run.training_differences(config, workdir, ignore, data_inputs)
+  if changed:
+    flags = ' '.join(f'--config.{path}={old}' for path, old, _ in changed
+                     if path != 'data' and not isinstance(old, (dict, list)))
+    raise ValueError(
+        f'{workdir!r} was trained under another config or data ({run.describe(changed)}); '
+        'evaluate it with the config it trained with (its config.json)'
+        + (f', e.g. {flags}.' if flags else '.'))
+
+
 def evaluate_run(config, workdir: str) -> dict:
   """Writes and returns WORKDIR/results.json for a finished run."""
   start = time.time()
@@ -222,6 +241,7 @@ def evaluate_run(config, workdir: str) -> dict:
       workdir, int(config.model.get('vocab_multiple', 1)))
   data_dir = run.data_dir_of(config, workdir)
   manifest = blocks_lib.load_manifest(data_dir)  # A clear error when the data is gone.
+  check_trained_as(config, workdir, manifest.get('inputs'))
   tokenizer = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer'))
   results = {
       'run': os.path.basename(os.path.abspath(workdir)),

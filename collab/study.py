@@ -20,6 +20,7 @@ from tqdm import auto as tqdm
 from collab import evaluate
 from collab import io
 from collab import train as train_lib
+from collab.data import blocks as blocks_lib
 from collab.data import build
 from collab.settings import run
 
@@ -57,9 +58,18 @@ def expand(config) -> list:
     specs += [RunSpec('incremental-' + '-'.join(o), {
         'setting': 'incremental', 'incremental.order': ','.join(o),
         'incremental.all_orders': False}) for o in orders]
-  if len(study.seeds) > 1:
+  seeds = tuple(study.seeds)
+  if len(seeds) > 1:
     specs = [RunSpec(f'{s.name}@seed{seed}', {**s.overrides, 'seed': seed})
-             for seed in study.seeds for s in specs]
+             for seed in seeds for s in specs]
+  elif seeds:  # One seed: it replaces config.seed, and names stay plain.
+    specs = [RunSpec(s.name, {**s.overrides, 'seed': seeds[0]}) for s in specs]
+  names = [s.name for s in specs]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f'config.study asks for the runs {twice} twice; remove the repeated '
+                     'value from study.server_optimizers, study.dp_noise_multipliers or '
+                     'study.seeds.')
   return specs
 
 
@@ -98,7 +108,8 @@ def run_one(cfg, folder: str) -> dict:
   A finished run is reused only if it was trained under the same config; its results
   are reused only if they were evaluated under the same settings (collab.evaluate).
   """
-  run.check_same_training(cfg, folder)
+  inputs = blocks_lib.load_manifest(run.data_dir_of(cfg, folder)).get('inputs')
+  run.check_same_training(cfg, folder, data_inputs=inputs)
   if not run.is_done(folder):
     train_lib.train(cfg, folder)
   return (evaluate.load_current_results(cfg, folder)
@@ -122,12 +133,13 @@ def run_study(config, workdir: str) -> dict:
   data_dir = run.data_dir_of(config, workdir)
   card = build.build_data(config.data, data_dir)
   run.write_config(workdir, config)
-  results = {}
+  results, worked = {}, False
   with tqdm.tqdm(specs, desc='study', unit='run', position=0, leave=True) as bar:
     for spec in bar:
       bar.set_postfix_str(spec.name)
-      folder = os.path.join(workdir, spec.name)
-      results[spec.name] = run_one(run_config(config, spec, workdir), folder)
+      folder, cfg = os.path.join(workdir, spec.name), run_config(config, spec, workdir)
+      worked |= not (run.is_done(folder) and evaluate.load_current_results(cfg, folder))
+      results[spec.name] = run_one(cfg, folder)
   summary = {
       'runs': [s.name for s in specs],
       'participants': run.participant_names(config),
@@ -139,10 +151,11 @@ def run_study(config, workdir: str) -> dict:
                   'cpus': os.cpu_count()},
   }
   previous = os.path.join(workdir, SUMMARY_JSON)
-  if os.path.isfile(previous):  # Keep the first completion's wall time: reruns are no-ops.
-    summary['wall_seconds'] = io.read_json(previous).get('wall_seconds')
-  else:
-    summary['wall_seconds'] = time.time() - start
+  # Time over the invocations that trained or evaluated something: a rerun that only
+  # reads finished runs leaves it (and the summary) as it was.
+  before = io.read_json(previous).get('wall_seconds') if os.path.isfile(previous) else None
+  summary['wall_seconds'] = ((before or 0.0) + time.time() - start if worked or before is None
+                             else before)
   io.atomic_write_json(previous, summary)
   logging.info('Study %s: %d runs in %.0fs.', workdir, len(specs), time.time() - start)
   return summary

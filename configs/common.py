@@ -254,7 +254,9 @@ def study_config() -> ml_collections.ConfigDict:
   # study; FedAvg's 1.0 makes them diverge (Reddi et al. 2021 tune it near 1e-2).
   c.adaptive_server_learning_rate = 0.05
   c.all_orders = True  # Incremental: every order of the participants (else the given one).
-  c.seeds = (1,)  # Repeat every run per seed; tables show mean ± sd over seeds.
+  # (): every run at config.seed. One seed: at that seed. Several: every run per seed
+  # (`name@seedN`), tables show mean ± sd over seeds.
+  c.seeds = ()
   # DP-FedAvg runs: one FedAvg run per noise multiplier z (federated.dp on, uniform
   # weighting, the rest of config.federated), named federated-dp-z{z}; 0.0 clips only.
   c.dp_noise_multipliers = ()

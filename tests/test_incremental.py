@@ -196,7 +196,8 @@ def test_a_stage_trained_under_another_config_is_not_reused(tmp_path):
   other_lr = _config(str(tmp_path / 'data'), 'alpha')
   other_lr.train.learning_rate *= 2
   with pytest.raises(ValueError, match=r'train\.learning_rate'):
-    incremental.run_stage(other_lr, str(tmp_path), ['alpha'], 0, model=None, data=None)
+    incremental.run_stage(other_lr, str(tmp_path), ['alpha'], 0, model=None,
+                          data=run.RunData('', {}, {}, {}))
   run.claim_workdir(str(tmp_path), other_lr)  # Nothing recorded there yet: it claims it.
   with pytest.raises(ValueError, match=r'train\.learning_rate'):
     run.claim_workdir(str(tmp_path), config)

@@ -126,6 +126,46 @@ def test_a_changed_config_is_not_served_from_old_runs(finished):
           'settings']['max_files'] == config.eval.membership.max_files
 
 
+def test_evaluation_and_tables_follow_what_was_trained(finished, tmp_path):
+  """A run is evaluated under the config and data it trained on; tables show the study's runs."""
+  from collab import evaluate  # pylint: disable=g-import-not-at-top
+  config, workdir, summary = finished
+  folder = os.path.join(workdir, 'federated-fedavg')
+  as_centralized = study.run_config(config, study.RunSpec('c', {'setting': 'centralized'}),
+                                    workdir)
+  with pytest.raises(ValueError, match='--config.setting=federated'):
+    evaluate.evaluate_run(as_centralized, folder)
+  # The data folder rebuilt from changed sources: the run no longer matches it.
+  fed = study.run_config(config, study.RunSpec('f', {
+      'setting': 'federated', 'federated.server_optimizer': 'fedavg'}), workdir)
+  run.check_same_training(fed, folder, data_inputs=_inputs(folder))
+  with pytest.raises(ValueError, match='data folder was rebuilt'):
+    run.check_same_training(fed, folder, data_inputs='0' * 64)
+  with pytest.raises(ValueError, match='data folder was rebuilt'):
+    evaluate.check_trained_as(fed, folder, '0' * 64)
+  # A run folder the study no longer lists stays out of its tables.
+  stray = os.path.join(workdir, 'zz-old-run')
+  os.makedirs(stray, exist_ok=True)
+  with open(os.path.join(folder, 'results.json'), encoding='utf-8') as f:
+    old = {**json.load(f), 'run': 'zz-old-run'}
+  with open(os.path.join(stray, 'results.json'), 'w', encoding='utf-8') as f:
+    json.dump(old, f)
+  assert [r['run'] for r in tables.load_results(workdir)] != [] and 'zz-old-run' not in [
+      r['run'] for r in tables.load_results(workdir)]
+  assert sorted(r['run'] for r in tables.load_results(workdir)) == sorted(summary['runs'])
+  os.remove(os.path.join(stray, 'results.json'))
+  os.rmdir(stray)
+  bad = config.copy_and_resolve_references()
+  bad.eval.passk.ks = (0, 1)
+  with pytest.raises(ValueError, match=r'passk\.ks=\(0, 1\)'):
+    evaluate.evaluate_passk(bad, folder, None, None, None)
+
+
+def _inputs(folder):
+  with open(os.path.join(folder, run.DATA_INPUTS_JSON), encoding='utf-8') as f:
+    return json.load(f)['inputs']
+
+
 def test_command_lines_regenerate_the_same_tables(finished):
   import subprocess
   import sys
@@ -152,6 +192,14 @@ def test_seeds_repeat_every_run_and_tables_report_mean_and_spread(tmp_path):
   assert {s.overrides['seed'] for s in specs} == {1, 2}
   assert specs[2].overrides['federated.server_learning_rate'] == (
       config.study.adaptive_server_learning_rate)
+  config.study.seeds = (2,)  # One seed replaces config.seed; names stay plain.
+  assert [(s.name, s.overrides['seed']) for s in study.expand(config)][:1] == [
+      ('centralized', 2)]
+  config.study.seeds = ()
+  assert all('seed' not in s.overrides for s in study.expand(config))
+  config.study.server_optimizers = ('fedavg', 'fedyogi', 'fedavg')
+  with pytest.raises(ValueError, match=r"federated-fedavg'\] twice.*server_optimizers"):
+    study.expand(config)
   runs = [{'run': f'centralized@seed{i}', 'setting': 'centralized',
            'perplexity': {'a': ppl, 'pooled': ppl}} for i, ppl in ((1, 10.0), (2, 14.0))]
   _, _, rows = tables.effectiveness(runs)

@@ -29,7 +29,7 @@ def train(config, workdir: str, participants: Sequence[str] | None = None, *,
                     else run.participant_names(config))
   data = run.load_data(config, workdir, participants)
   model, _ = run.make_model(config, data.manifest)
-  run.claim_workdir(workdir, config)
+  run.claim_workdir(workdir, config, data_inputs=data.manifest.get('inputs'))
   summary = fit(config, workdir, model, data.train, data.valid,
                 init_from=init_from or config.train.init_from, eot_id=data.manifest['eot_id'])
   return summary

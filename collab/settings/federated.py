@@ -213,7 +213,7 @@ def train(config, workdir: str) -> dict:
   names = run.participant_names(config)
   data = run.load_data(config, workdir, names)
   model, _ = run.make_model(config, data.manifest)
-  run.claim_workdir(workdir, config)
+  run.claim_workdir(workdir, config, data_inputs=data.manifest.get('inputs'))
   train_blocks, owner = data.train, None
   if config.federated.clients != 'participants':
     from collab.data import clients as clients_data  # Only finer clients need it.

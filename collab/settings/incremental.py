@@ -74,12 +74,13 @@ def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> 
   folder = stage_dir(config, workdir, order[:k + 1])
   cfg = stage_config(config, len(order))
   # Stages are shared by every chain with the same prefix, whatever the rest of its order.
-  run.check_same_training(cfg, folder, ignore=CHAIN_FIELDS)
+  inputs = data.manifest.get('inputs')
+  run.check_same_training(cfg, folder, ignore=CHAIN_FIELDS, data_inputs=inputs)
   path = os.path.join(folder, run.TRAIN_JSON)
   if os.path.isfile(path):
     return io.read_json(path)
   init_from = stage_dir(config, workdir, order[:k]) if k else config.train.init_from
-  run.write_config(folder, cfg)
+  run.write_config(folder, cfg, inputs)
   return centralized.fit(cfg, folder, model, {order[k]: data.train[order[k]]}, data.valid,
                          init_from=init_from, eot_id=data.manifest['eot_id'],
                          desc=f'stage {k + 1}/{len(order)} {order[k]}')
@@ -123,7 +124,8 @@ def train(config, workdir: str) -> dict:
   chains = orders(config)
   data = run.load_data(config, workdir, list(chains[0]))
   model, _ = run.make_model(config, data.manifest)
-  run.claim_workdir(workdir, config, ignore=CHAIN_FIELDS)
+  run.claim_workdir(workdir, config, ignore=CHAIN_FIELDS,
+                    data_inputs=data.manifest.get('inputs'))
   start = time.time()
   results = [run_chain(config, workdir, order, model, data) for order in chains]
   summary = {'setting': 'incremental', 'participants': results[0]['order'], **results[0],

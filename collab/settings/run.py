@@ -225,50 +225,75 @@ def _trained_as(cfg, ignore=()) -> dict:
 
 
 def _differences(old, new, prefix: str = '') -> list:
-  """Dotted paths where two JSON trees differ."""
+  """(dotted path, old value, new value) wherever two JSON trees differ."""
   if isinstance(old, dict) and isinstance(new, dict):
     return [d for k in sorted(set(old) | set(new))
             for d in _differences(old.get(k), new.get(k), f'{prefix}{k}.')]
-  return [] if old == new else [f'{prefix[:-1]}: {old!r} -> {new!r}']
+  return [] if old == new else [(prefix[:-1], old, new)]
 
 
 # Config fields added since runs may have been trained, with the value that reproduces
 # how those runs trained: a run whose config.json lacks one was trained with that value.
 ADDED_FIELDS = {('model', 'attention_dropout'): None, ('model', 'vocab_multiple'): 1}
+CONFIG_JSON = 'config.json'
+DATA_INPUTS_JSON = 'data_inputs.json'  # The data folder's input fingerprint at training.
 
 
-def check_same_training(cfg, folder: str, ignore=()) -> None:
-  """Raises if `folder` holds a run trained (or started) under another config.
+def training_differences(cfg, folder: str, ignore=(), data_inputs: str | None = None) -> list:
+  """How `cfg` (and the data's `inputs` fingerprint) differ from what `folder` trained on.
 
-  `ignore` names top-level sections that do not decide this folder's training (a
-  shared incremental stage does not depend on the rest of its chain's order).
+  Each item is (dotted config path or 'data', old, new). `ignore` names top-level
+  sections that do not decide this folder's training (a shared incremental stage does
+  not depend on the rest of its chain's order). Folders from before a record existed
+  are not held to it.
   """
-  path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(path):
-    return
-  old = _trained_as(ml_collections.ConfigDict(io.read_json(path)), ignore)
-  for (section, field), value in ADDED_FIELDS.items():
-    old.get(section, {}).setdefault(field, value)
-  changed = _differences(old, _trained_as(cfg, ignore))
+  changed = []
+  path = os.path.join(folder, CONFIG_JSON)
+  if os.path.isfile(path):
+    old = _trained_as(ml_collections.ConfigDict(io.read_json(path)), ignore)
+    for (section, field), value in ADDED_FIELDS.items():
+      old.get(section, {}).setdefault(field, value)
+    changed = _differences(old, _trained_as(cfg, ignore))
+  path = os.path.join(folder, DATA_INPUTS_JSON)
+  if data_inputs and os.path.isfile(path):
+    old_inputs = io.read_json(path).get('inputs')
+    if old_inputs != data_inputs:
+      changed.append(('data', old_inputs, data_inputs))
+  return changed
+
+
+def describe(changed) -> str:
+  """The differences, readable: data changes explained, at most five fields."""
+  text = ['the data folder was rebuilt from other sources or by another collab version'
+          if path == 'data' else f'{path}: {old!r} -> {new!r}'
+          for path, old, new in changed]
+  return '; '.join(text[:5]) + ('; ...' if len(text) > 5 else '')
+
+
+def check_same_training(cfg, folder: str, ignore=(), data_inputs: str | None = None) -> None:
+  """Raises if `folder` holds a run trained (or started) under another config or data."""
+  changed = training_differences(cfg, folder, ignore, data_inputs)
   if changed:
     hint = (' Runs from before embedding padding read with --config.model.vocab_multiple=1.'
-            if any(c.startswith('model.vocab_multiple:') for c in changed) else '')
+            if any(path == 'model.vocab_multiple' for path, _, _ in changed) else '')
     raise ValueError(
-        f'Run folder {folder!r} was trained with another config ({"; ".join(changed[:5])}'
-        f'{"; ..." if len(changed) > 5 else ""}). Use a new --workdir for the changed run, '
-        f'or delete that run folder to train it again.{hint}')
+        f'Run folder {folder!r} was trained with another config ({describe(changed)}). Use '
+        f'a new --workdir for the changed run, or delete that run folder to train it '
+        f'again.{hint}')
 
 
-def claim_workdir(workdir: str, config, ignore=()) -> None:
-  """Checks that `workdir` holds no run of another config, then records this one."""
-  check_same_training(config, workdir, ignore)
-  write_config(workdir, config)
+def claim_workdir(workdir: str, config, ignore=(), data_inputs: str | None = None) -> None:
+  """Checks that `workdir` holds no run of another config or data, then records this one."""
+  check_same_training(config, workdir, ignore, data_inputs)
+  write_config(workdir, config, data_inputs)
 
 
-def write_config(workdir: str, config) -> None:
-  """The resolved config, as JSON, beside the run's outputs."""
-  io.atomic_write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(
+def write_config(workdir: str, config, data_inputs: str | None = None) -> None:
+  """The resolved config, as JSON, beside the run's outputs (and the data's inputs)."""
+  io.atomic_write_text(os.path.join(workdir, CONFIG_JSON), config.to_json_best_effort(
       indent=2, sort_keys=True) + '\n')
+  if data_inputs:
+    io.atomic_write_json(os.path.join(workdir, DATA_INPUTS_JSON), {'inputs': data_inputs})
 
 
 FINAL_DIR = 'final'  # The final model, as a Hugging Face GPT-2 folder.
