@@ -3,8 +3,6 @@
   python -m launch.build_data --config=configs/default.py --data_dir=DIR
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -23,14 +21,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cfg = _CONFIG.value
   if cfg is None:
-    sys.exit('build_data: error: --config is required, e.g. --config=configs/default.py')
+    common.fail('launch.build_data', '--config is required, e.g. --config=configs/default.py.')
   data_dir = _DATA_DIR.value or cfg.data.data_dir
   if not data_dir:
-    sys.exit('build_data: error: give --data_dir=DIR (or set config.data.data_dir).')
-  card = common.run_or_exit('build_data', lambda: build.build_data(cfg.data, data_dir))
+    common.fail('launch.build_data', 'give --data_dir=DIR (or set config.data.data_dir).')
+  card = common.run_or_exit('launch.build_data', lambda: build.build_data(cfg.data, data_dir))
   print(build.format_card(card))
   print(f'\nData folder: {data_dir}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags('launch.build_data'))

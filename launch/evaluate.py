@@ -23,10 +23,10 @@ def main(argv):
   del argv
   from collab import evaluate
   results = common.run_or_exit(
-      'evaluate', lambda: evaluate.evaluate_run(_CONFIG.value, _WORKDIR.value))
+      'launch.evaluate', lambda: evaluate.evaluate_run(_CONFIG.value, _WORKDIR.value))
   print(f"results: {_WORKDIR.value}/results.json (pooled perplexity "
         f"{results['perplexity']['pooled']:.2f})")
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags('launch.evaluate'))

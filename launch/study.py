@@ -25,7 +25,7 @@ def main(argv):
   from analysis import tables
   from collab import study
   config, workdir = _CONFIG.value, _WORKDIR.value
-  common.run_or_exit('study', lambda: study.run_study(config, workdir))
+  common.run_or_exit('launch.study', lambda: study.run_study(config, workdir))
   print(tables.write_tables(workdir))
   if config.study.figures:
     from analysis import plots
@@ -34,4 +34,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags('launch.study'))

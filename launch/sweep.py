@@ -8,12 +8,15 @@ Each point is a set of config overrides; its workdir is WORKDIR/<key=value,...>.
 """
 
 import importlib.util
+import os
 import shlex
 import subprocess
 import sys
 
 from absl import app
 from absl import flags
+
+from launch import common
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file (path[:arg]) that defines sweep(add).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Parent folder of the sweep points.')
@@ -25,6 +28,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def points(config_path: str) -> list:
   """The override dicts that the config file's sweep(add) adds, in order."""
   path = config_path.split(':', 1)[0]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no config file at {path!r}; give the path of a config file '
+                            'that defines sweep(add), e.g. configs/paper.py.')
   spec = importlib.util.spec_from_file_location('sweep_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -46,13 +52,13 @@ def main(argv):
   try:
     cmds = [command(_CONFIG.value, _WORKDIR.value, _LAUNCHER.value, o)
             for o in points(_CONFIG.value)]
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'sweep: error: {e}')
+  except (ValueError, OSError, SyntaxError) as e:  # No such file, a folder, bad Python.
+    common.fail('launch.sweep', f'cannot load --config={_CONFIG.value}: {e}')
   for cmd in cmds:
     print(shlex.join(cmd))
     if _RUN.value and subprocess.run(cmd, check=False).returncode:
-      sys.exit(f'sweep: error: a point failed: {shlex.join(cmd)}')
+      common.fail('launch.sweep', f'a point failed: {shlex.join(cmd)}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags('launch.sweep'))

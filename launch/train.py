@@ -26,10 +26,10 @@ def main(argv):
     from collab import parallel
     parallel.start_multihost()
   from collab import train  # After jax.distributed: nothing may touch devices before.
-  summary = common.run_or_exit('train', lambda: train.train(config, _WORKDIR.value))
+  summary = common.run_or_exit('launch.train', lambda: train.train(config, _WORKDIR.value))
   print(f"done: {summary['setting']} in {_WORKDIR.value}, pooled validation perplexity "
         f"{summary['valid']['pooled']['perplexity']:.2f}")
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags('launch.train'))

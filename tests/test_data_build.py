@@ -187,6 +187,7 @@ def test_bad_inputs_raise_clear_errors(corpora, tmp_path):
       ([common.participant('a', ['pkg:not-a-real-package-xyz'])], 'not-a-real-package-xyz'),
       ([common.participant('a', [f'dir:{tmp_path}/missing'])], 'missing'),
       ([common.participant('a-b', [alpha])], 'letters, digits'),
+      ([common.participant('pooled', [alpha])], "'pooled' is reserved"),
       ([], 'participants is empty'),
   ]
   for participants, message in cases:
@@ -210,6 +211,11 @@ def test_bad_inputs_raise_clear_errors(corpora, tmp_path):
     build.build_data(_cfg([common.participant('a', [alpha])]), str(tmp_path / 'mine'),
                      progress=False)
   assert (tmp_path / 'mine' / 'thesis.tex').read_text() == 'precious'
+
+
+def test_reserved_names_cover_the_pooled_result_key():
+  from collab.evals import perplexity  # Validation refuses what evaluation would.
+  assert perplexity.POOLED in build.RESERVED_NAMES
 
 
 def test_launcher_prints_the_card_or_a_clear_error(corpora, tmp_path):

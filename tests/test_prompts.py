@@ -128,3 +128,21 @@ def test_tokenizer_cap_skips_and_counts_long_prompts():
 def test_records_without_content_are_rejected():
   with pytest.raises(ValueError, match='content'):
     prompts.extract_prompts([{'repo': 'r', 'path': 'p'}], participant='x')
+
+
+def test_cap_counts_a_quoted_end_of_text_as_the_sampler_encodes_it():
+  """A literal '<|endoftext|>' in source is text to the sampler, many tokens, not one."""
+  from collab.data import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.train_bpe([SOURCE] * 4, vocab_size=300, progress=False)
+  source = ('def split_docs(text):\n    """Splits text at <|endoftext|> markers."""\n'
+            '    return text.split("<|endoftext|>")\n')
+  records = [{'repo': 'r', 'path': 'p.py', 'content': source}]
+  (found,), _ = prompts.extract_prompts(records, participant='acme', tokenizer=tokenizer)
+  sampled = len(tokenizer_lib.make_encoder(tokenizer)([found.text])[0])
+  special = len(tokenizer(found.text, add_special_tokens=False)['input_ids'])
+  assert found.num_tokens == sampled > special  # The special-token count would be too low.
+  kept, _ = prompts.extract_prompts(records, participant='acme', tokenizer=tokenizer,
+                                    max_tokens=sampled)
+  cut, counts = prompts.extract_prompts(records, participant='acme', tokenizer=tokenizer,
+                                        max_tokens=sampled - 1)
+  assert len(kept) == 1 and not cut and counts['too_long'] == 1

@@ -64,7 +64,8 @@ def load_manifest(data_dir: str) -> dict:
   if not os.path.isfile(path):
     raise DataNotBuiltError(
         f'{data_dir!r} holds no built data (manifest.json missing); build it with: '
-        f'python -m launch.build_data --config=configs/default.py --data_dir={data_dir}')
+        f'python -m launch.build_data --config=YOUR_CONFIG --data_dir={data_dir} (the config '
+        'this run uses)')
   return io.read_json(path)
 
 

@@ -76,7 +76,7 @@ def load_split(data_dir: str, participant: str, split: str) -> CodeRecords:
   folder = os.path.join(data_dir, 'tfds', NAME, VERSION)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'No TFDS dataset under {data_dir!r}; build the data first: '
-                            'python -m launch.build_data --config=configs/default.py '
+                            'python -m launch.build_data --config=YOUR_CONFIG '
                             '--data_dir=DIR')
   builder = tfds.builder_from_directory(folder)
   name = f'{participant}_{split}'

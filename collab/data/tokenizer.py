@@ -59,7 +59,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
   folder = sub if os.path.isdir(sub) else path
   if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
     raise FileNotFoundError(f'No tokenizer in {path!r}; build the data first: python -m '
-                            'launch.build_data --config=configs/default.py --data_dir=DIR')
+                            'launch.build_data --config=YOUR_CONFIG --data_dir=DIR')
   return from_folder(folder)
 
 

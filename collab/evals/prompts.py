@@ -13,6 +13,8 @@ from typing import Iterable, Optional
 import numpy as np
 from absl import logging
 
+from collab.data import tokenizer as tokenizer_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
@@ -24,7 +26,7 @@ class Prompt:
   end_line: int  # 1-based line where the docstring ends.
   name: str  # Qualified name, e.g. `Class.method` or `outer.<locals>.inner`.
   text: str
-  num_tokens: int  # Tokens of `text` under the tokenizer; -1 without one.
+  num_tokens: int  # Tokens of `text` as sampling encodes it (make_encoder); -1: no tokenizer.
 
 
 def _function_nodes(tree: ast.AST):
@@ -116,7 +118,9 @@ def extract_prompts(records: Iterable[dict], *, participant: str, tokenizer=None
   counts['documented'] = len(found)
   num_tokens = [-1] * len(found)
   if tokenizer is not None and found:
-    ids = tokenizer([f[-1] for f in found], add_special_tokens=False)['input_ids']
+    # Counted as the sampler encodes prompts (a literal '<|endoftext|>' is text there, not
+    # one special token), so a prompt under the cap is never cut before sampling.
+    ids = tokenizer_lib.make_encoder(tokenizer)([f[-1] for f in found])
     num_tokens = [len(x) for x in ids]
     keep = [n <= max_tokens for n in num_tokens]
     counts['too_long'] = keep.count(False)
