@@ -264,8 +264,9 @@ def training_differences(cfg, folder: str, ignore=(), data_inputs: str | None = 
 
 def describe(changed) -> str:
   """The differences, readable: data changes explained, at most five fields."""
+  short = lambda v: '{...}' if isinstance(v, dict) else repr(v)  # A section (dis)appears.
   text = ['the data folder was rebuilt from other sources or by another collab version'
-          if path == 'data' else f'{path}: {old!r} -> {new!r}'
+          if path == 'data' else f'{path}: {short(old)} -> {short(new)}'
           for path, old, new in changed]
   return '; '.join(text[:5]) + ('; ...' if len(text) > 5 else '')
 
