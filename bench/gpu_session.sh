@@ -1,6 +1,6 @@
 #!/bin/bash
 # The one prepared call for a lent GPU: issue 3's MFU variants, then issue 4's vmapped-
-# against-loop federated rounds in bfloat16 at 8 clients. About 8 minutes on an H100
+# against-loop federated rounds in bfloat16 at 8 clients. About 9 minutes on an H100
 # (compiles included); each part has its own timeout so one slow part keeps the other's
 # figures. Results land in $OUT (the device tool brings them back).
 #
@@ -19,8 +19,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 330 python3 -m bench.gpu_check --budget_s=240 --out="$OUT/gpu_check.json" \
+timeout 340 python3 -m bench.gpu_check --budget_s=270 --out="$OUT/gpu_check.json" \
     2>&1 | tee "$OUT/gpu_check.log"
-timeout 180 python3 -m bench.federated --clients=8 --local_steps=8 --rounds=2 \
+timeout 200 python3 -m bench.federated --clients=8 --local_steps=8 --rounds=2 \
     --dtype=bfloat16 --repeats=2 --out="$OUT/federated_bf16.json" 2>&1 \
     | tee "$OUT/federated_bf16.log"

@@ -47,6 +47,9 @@ class ModelConfig:
   attention: str = 'xla'  # 'cudnn': fused kernel (GPU) wherever attention dropout is off.
   attention_dropout: Optional[float] = None  # None: `dropout`.
   vocab_multiple: int = 1  # Embedding rows are padded to a multiple of this.
+  # Training loss: tokens per chunk of the LM head + cross entropy (recomputed in the
+  # backward pass, so no [B, L, V] logits are held); 0: all logits at once.
+  loss_chunk: int = 0
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len',
@@ -63,6 +66,9 @@ class ModelConfig:
     if self.attention not in ATTENTION:
       raise ValueError(f'ModelConfig.attention must be one of {ATTENTION}, '
                        f'got {self.attention!r}.')
+    if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+      raise ValueError(f'ModelConfig.loss_chunk must be an int >= 0 (0: off), '
+                       f'got {self.loss_chunk!r}.')
     for name in ('dropout', 'attention_dropout'):
       value = getattr(self, name)
       if value is not None and not 0.0 <= value < 1.0:
@@ -101,7 +107,8 @@ class ModelConfig:
                attention=str(model_cfg.get('attention', 'xla')),
                attention_dropout=(None if attention_dropout is None
                                   else float(attention_dropout)),
-               vocab_multiple=int(model_cfg.get('vocab_multiple', 1)))
+               vocab_multiple=int(model_cfg.get('vocab_multiple', 1)),
+               loss_chunk=int(model_cfg.get('loss_chunk', 0)))
 
 
 def _param(module: nn.Module, name: str, shape, axes, std: Optional[float]):
@@ -133,6 +140,19 @@ def _embedding_init(config: ModelConfig):
 def _residual_std(config: ModelConfig) -> float:
   """GPT-2 scales residual projections by 1/sqrt(2 * layers) so depth keeps the variance."""
   return INIT_STD / math.sqrt(2 * config.num_layers)
+
+
+def unembed(x_NxD, wte_VxD, config: ModelConfig, axes=None, transposed: bool = False):
+  """float32 logits over the real vocabulary from final hidden states (tied `wte`, or
+  its transpose [D, V] if `transposed`), constrained to logical `axes` if given."""
+  spec = '...d,dv->...v' if transposed else '...d,vd->...v'
+  logits_NxV = jnp.einsum(spec, x_NxD, wte_VxD.astype(config.compute_dtype),
+                          preferred_element_type=jnp.float32)
+  if axes is not None:  # At the padded width, which divides over devices.
+    logits_NxV = nn.with_logical_constraint(logits_NxV, axes)
+  # The padded product runs at the aligned width; consumers of the slice fuse it.
+  return logits_NxV[..., :config.vocab_size] if config.padded_vocab != config.vocab_size \
+      else logits_NxV
 
 
 def _write_cache(cache_BxHxTxK, new_BxLxHxK, positions_BxL):
@@ -251,7 +271,7 @@ class GPT2(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, *, positions_BxL=None, cache: Optional[Cache] = None,
-               deterministic: bool = True, unembed_DxV=None):
+               deterministic: bool = True, unembed_DxV=None, hidden: bool = False):
     """Logits for every position.
 
     Without a cache returns logits_BxLxV (float32), causal within the L tokens. With a
@@ -263,7 +283,8 @@ class GPT2(nn.Module):
 
     `unembed_DxV`, if given, must be the `wte` parameter transposed: decoding loops
     transpose it once, because XLA's CPU matmul reads a [D, V] matrix faster than the
-    [V, D] one at the few rows of a decoding step.
+    [V, D] one at the few rows of a decoding step. `hidden=True` (no cache) returns the
+    final LayerNorm's output x_BxLxD instead of logits, for `unembed` in chunks.
     """
     cfg = self.config
     dt = cfg.compute_dtype
@@ -299,15 +320,10 @@ class GPT2(nn.Module):
       # here (D wide, not V) turns all of its logits to NaN.
       x_BxLxD = jnp.where((positions_BxL < T)[:, :, None], x_BxLxD, jnp.nan)
     x_BxLxD = _layer_norm(cfg, 'ln_f')(x_BxLxD)
-    if unembed_DxV is None:
-      logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, wte_VxD.astype(dt),
-                                preferred_element_type=jnp.float32)
-    else:
-      logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, unembed_DxV.astype(dt),
-                                preferred_element_type=jnp.float32)
-    # The padded product runs at the aligned width; consumers of the slice fuse it.
-    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'vocab'))
-    logits_BxLxV = logits_BxLxV[..., :V] if cfg.padded_vocab != V else logits_BxLxV
+    if hidden and cache is None:
+      return x_BxLxD
+    logits_BxLxV = unembed(x_BxLxD, wte_VxD if unembed_DxV is None else unembed_DxV, cfg,
+                           ('batch', 'length', 'vocab'), transposed=unembed_DxV is not None)
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
 

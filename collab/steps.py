@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from collab import model as model_lib
+
 PyTree = Any
 
 # Parameter names (or name suffixes like 'c_attn_bias') that never get weight decay,
@@ -131,6 +133,25 @@ def _row_weights(batch: dict, tokens_BxL: jax.Array) -> jax.Array:
   return weights_B.astype(jnp.float32)
 
 
+def chunked_nll(x_NxD: jax.Array, wte_VxD: jax.Array, labels_N: jax.Array,
+                config: model_lib.ModelConfig) -> jax.Array:
+  """Cross entropy of N positions, `config.loss_chunk` at a time: per chunk the tied LM
+  head, log-sum-exp and label logit, recomputed in the backward pass (jax.checkpoint), so
+  only [chunk, V] logits exist at once instead of [N, V]."""
+  N, C = x_NxD.shape[0], config.loss_chunk
+  pad = -N % C
+  x_KxCxD = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, C, x_NxD.shape[1])
+  labels_KxC = jnp.pad(labels_N, (0, pad)).reshape(-1, C)
+
+  @jax.checkpoint
+  def chunk(wte, x_CxD, labels_C):
+    logits_CxV = model_lib.unembed(x_CxD, wte, config)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_CxV, labels_C)
+
+  nll_KxC = jax.lax.map(lambda xs: chunk(wte_VxD, *xs), (x_KxCxD, labels_KxC))
+  return nll_KxC.reshape(-1)[:N]
+
+
 def loss_sums(params: PyTree, batch: dict, *, model: nn.Module, deterministic: bool = True,
               dropout_rng: jax.Array | None = None) -> tuple:
   """Next-token cross entropy: (sum over weighted predictions, number of them).
@@ -142,13 +163,21 @@ def loss_sums(params: PyTree, batch: dict, *, model: nn.Module, deterministic: b
   if tokens_BxL.ndim != 2 or tokens_BxL.shape[1] < 2:
     raise ValueError(f'batch["tokens"] must be [B, L] with L >= 2, got shape {tokens_BxL.shape}.')
   rngs = {} if dropout_rng is None else {'dropout': dropout_rng}
-  logits_BxLxV = model.apply({'params': params}, tokens_BxL, deterministic=deterministic,
-                             rngs=rngs)
   # Every position gets a label (the last one a dummy, dropped below) so the [B, L, V]
   # logits are consumed whole: slicing off their last position would copy them.
   labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, :1]], axis=1)
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV.astype(jnp.float32), labels_BxL)[:, :-1]
+  config = model.config
+  if config.loss_chunk:
+    x_BxLxD = model.apply({'params': params}, tokens_BxL, deterministic=deterministic,
+                          rngs=rngs, hidden=True)
+    B, L, D = x_BxLxD.shape
+    nll_BxT = chunked_nll(x_BxLxD.reshape(B * L, D), params['wte'],
+                          labels_BxL.reshape(-1), config).reshape(B, L)[:, :-1]
+  else:
+    logits_BxLxV = model.apply({'params': params}, tokens_BxL, deterministic=deterministic,
+                               rngs=rngs)
+    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), labels_BxL)[:, :-1]
   weights_B = _row_weights(batch, tokens_BxL)
   loss_sum = jnp.sum(nll_BxT * weights_B[:, None])
   token_count = jnp.sum(weights_B) * nll_BxT.shape[1]

@@ -20,7 +20,7 @@ NUM_STEPS = 5
 SEED = 0
 
 
-def tiny_setup(dropout: float = 0.0):
+def tiny_setup(dropout: float = 0.0, **model_overrides):
   """(train config, model, optimizer) of a ~50k-parameter GPT-2."""
   from collab import model as model_lib
   from collab import steps
@@ -29,7 +29,8 @@ def tiny_setup(dropout: float = 0.0):
   train_cfg.warmup_steps = 1
   train_cfg.learning_rate = 1e-2
   config = model_lib.ModelConfig(vocab_size=128, num_layers=2, num_heads=2, d_model=32,
-                                 d_ff=128, max_len=32, dropout=dropout, dtype='float32')
+                                 d_ff=128, max_len=32, dropout=dropout, dtype='float32',
+                                 **model_overrides)
   model = model_lib.GPT2(config)
   return train_cfg, model, steps.make_optimizer(train_cfg, NUM_STEPS)
 
@@ -47,11 +48,11 @@ def global_batches(num_steps: int = NUM_STEPS):
   return tokens, weights
 
 
-def trajectory(mesh, rules, rows: slice = slice(None)):
+def trajectory(mesh, rules, rows: slice = slice(None), **model_overrides):
   """(per-step mean losses, final state) of a pjit run on `mesh` fed `rows` of each batch."""
   import jax
   from collab import parallel, steps
-  _, model, optimizer = tiny_setup()
+  _, model, optimizer = tiny_setup(**model_overrides)
   init = functools.partial(steps.init_state, model=model, optimizer=optimizer,
                            seq_len=SEQ_LEN, boxed=True)
   rng = jax.random.key(SEED)

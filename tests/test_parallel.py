@@ -179,3 +179,13 @@ def test_two_processes_train_like_one(tmp_path, one_device_run):
     result = json.load(f)
   assert result['devices'] == 4 and result['local_devices'] == 2
   assert _rel_diff(result['losses'], one_device_run[0]) <= 1e-5
+
+
+def test_chunked_loss_under_pjit_with_the_vocabulary_sharded(one_device_run):
+  """The chunked LM head + loss over a vocabulary split on 'model' trains like one device."""
+  one_losses, one_state = one_device_run
+  losses, state = worker.trajectory(parallel.make_mesh(_cfg(data=2, model=2)), RULES,
+                                    loss_chunk=24)
+  assert state['params']['wte'].sharding.spec == P('model', None)
+  np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+  _assert_states_close(jax.device_get(state), one_state)

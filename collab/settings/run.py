@@ -234,7 +234,8 @@ def _differences(old, new, prefix: str = '') -> list:
 
 # Config fields added since runs may have been trained, with the value that reproduces
 # how those runs trained: a run whose config.json lacks one was trained with that value.
-ADDED_FIELDS = {('model', 'attention_dropout'): None, ('model', 'vocab_multiple'): 1}
+ADDED_FIELDS = {('model', 'attention_dropout'): None, ('model', 'vocab_multiple'): 1,
+                ('model', 'loss_chunk'): 0}
 CONFIG_JSON = 'config.json'
 DATA_INPUTS_JSON = 'data_inputs.json'  # The data folder's input fingerprint at training.
 
