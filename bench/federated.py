@@ -42,13 +42,14 @@ _SIZE = flags.DEFINE_string('size', 'tiny', 'Model size (configs/common.py).')
 _VOCAB = flags.DEFINE_integer('vocab', 8192, 'Vocabulary size (the default BPE size).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype (config.model.dtype).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per side; the best counts.')
+_LOSS_CHUNK = flags.DEFINE_integer('loss_chunk', 0, 'config.model.loss_chunk (0: whole).')
 _OUT = flags.DEFINE_string('out', '', 'Also write the results here as JSON.')
 
 
 def make_config():
   """The size's config with C synthetic participants, fixed local steps, no dropout noise."""
   c = common.base_config(_SIZE.value)
-  c.model.dtype = _DTYPE.value
+  c.model.dtype, c.model.loss_chunk = _DTYPE.value, _LOSS_CHUNK.value
   c.data.participants = [common.participant(f'client{i}', ('dir:synthetic',))
                          for i in range(_CLIENTS.value)]
   c.train.batch_size, c.train.warmup_steps = _BATCH.value, 10
@@ -152,7 +153,9 @@ def main(argv):
   device = jax.devices()[0]
   header = (f'# {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on '
             f'{jax.device_count()} {device.platform} device(s) ({device.device_kind}); '
-            f'{_SIZE.value} model ({_DTYPE.value}), {_CLIENTS.value} clients x '
+            f'{_SIZE.value} model ({_DTYPE.value}'
+            f'{f", loss chunks of {_LOSS_CHUNK.value}" if _LOSS_CHUNK.value else ""}), '
+            f'{_CLIENTS.value} clients x '
             f'{_LOCAL.value} local steps x {_ROUNDS.value} rounds of batch {_BATCH.value} x '
             f'{config.data.seq_len}; load average {os.getloadavg()[0]:.1f}')
   print(header)
