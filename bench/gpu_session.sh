@@ -28,7 +28,7 @@ if [ "$PART" = mfu ] || [ "$PART" = all ]; then
       2>&1 | tee "$OUT/gpu_check.log"
 fi
 if [ "$PART" = federated ] || [ "$PART" = all ]; then
-  for chunk in 0 1024; do
+  for chunk in 0 32; do
     timeout 150 python3 -m bench.federated --clients=8 --local_steps=8 --rounds=2 \
         --dtype=bfloat16 --loss_chunk=$chunk --repeats=2 \
         --out="$OUT/federated_bf16_chunk$chunk.json" 2>&1 | tee "$OUT/federated_$chunk.log"

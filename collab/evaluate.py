@@ -226,7 +226,8 @@ def check_trained_as(config, workdir: str, data_inputs: str | None) -> None:
   ignore = ('incremental',) if config.setting == 'incremental' else ()
   changed = run.training_differences(config, workdir, ignore, data_inputs)
   if changed:
-    flags = ' '.join(f'--config.{path}={old}' for path, old, _ in changed
+    flags = ' '.join(f'--config.{path}={old}' if old is not None
+                     else f'(no --config.{path})' for path, old, _ in changed
                      if path != 'data' and not isinstance(old, (dict, list)))
     raise ValueError(
         f'{workdir!r} was trained under another config or data ({run.describe(changed)}); '

@@ -47,8 +47,8 @@ class ModelConfig:
   attention: str = 'xla'  # 'cudnn': fused kernel (GPU) wherever attention dropout is off.
   attention_dropout: Optional[float] = None  # None: `dropout`.
   vocab_multiple: int = 1  # Embedding rows are padded to a multiple of this.
-  # Training loss: tokens per chunk of the LM head + cross entropy (recomputed in the
-  # backward pass, so no [B, L, V] logits are held); 0: all logits at once.
+  # Training loss: positions (of every row) per chunk of the LM head + cross entropy,
+  # recomputed in the backward pass, so no [B, L, V] logits are held; 0: all at once.
   loss_chunk: int = 0
 
   def __post_init__(self):

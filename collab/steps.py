@@ -133,23 +133,26 @@ def _row_weights(batch: dict, tokens_BxL: jax.Array) -> jax.Array:
   return weights_B.astype(jnp.float32)
 
 
-def chunked_nll(x_NxD: jax.Array, wte_VxD: jax.Array, labels_N: jax.Array,
+def chunked_nll(x_BxLxD: jax.Array, wte_VxD: jax.Array, labels_BxL: jax.Array,
                 config: model_lib.ModelConfig) -> jax.Array:
-  """Cross entropy of N positions, `config.loss_chunk` at a time: per chunk the tied LM
-  head, log-sum-exp and label logit, recomputed in the backward pass (jax.checkpoint), so
-  only [chunk, V] logits exist at once instead of [N, V]."""
-  N, C = x_NxD.shape[0], config.loss_chunk
-  pad = -N % C
-  x_KxCxD = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, C, x_NxD.shape[1])
-  labels_KxC = jnp.pad(labels_N, (0, pad)).reshape(-1, C)
+  """Cross entropy of every position, `config.loss_chunk` positions of every row at a
+  time: per chunk the tied LM head, log-sum-exp and label logit, recomputed in the
+  backward pass (jax.checkpoint), so only [B, chunk, V] logits exist at once. Chunks run
+  along the length: the batch axis (sharded over 'data') stays whole in each."""
+  B, L, D = x_BxLxD.shape
+  C = config.loss_chunk
+  pad = -L % C
+  x_KxBxCxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
+      B, -1, C, D).transpose(1, 0, 2, 3)
+  labels_KxBxC = jnp.pad(labels_BxL, ((0, 0), (0, pad))).reshape(B, -1, C).transpose(1, 0, 2)
 
   @jax.checkpoint
-  def chunk(wte, x_CxD, labels_C):
-    logits_CxV = model_lib.unembed(x_CxD, wte, config)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_CxV, labels_C)
+  def chunk(wte, x_BxCxD, labels_BxC):
+    logits_BxCxV = model_lib.unembed(x_BxCxD, wte, config, ('batch', 'length', 'vocab'))
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, labels_BxC)
 
-  nll_KxC = jax.lax.map(lambda xs: chunk(wte_VxD, *xs), (x_KxCxD, labels_KxC))
-  return nll_KxC.reshape(-1)[:N]
+  nll_KxBxC = jax.lax.map(lambda xs: chunk(wte_VxD, *xs), (x_KxBxCxD, labels_KxBxC))
+  return nll_KxBxC.transpose(1, 0, 2).reshape(B, -1)[:, :L]
 
 
 def loss_sums(params: PyTree, batch: dict, *, model: nn.Module, deterministic: bool = True,
@@ -170,9 +173,7 @@ def loss_sums(params: PyTree, batch: dict, *, model: nn.Module, deterministic: b
   if config.loss_chunk:
     x_BxLxD = model.apply({'params': params}, tokens_BxL, deterministic=deterministic,
                           rngs=rngs, hidden=True)
-    B, L, D = x_BxLxD.shape
-    nll_BxT = chunked_nll(x_BxLxD.reshape(B * L, D), params['wte'],
-                          labels_BxL.reshape(-1), config).reshape(B, L)[:, :-1]
+    nll_BxT = chunked_nll(x_BxLxD, params['wte'], labels_BxL, config)[:, :-1]
   else:
     logits_BxLxV = model.apply({'params': params}, tokens_BxL, deterministic=deterministic,
                                rngs=rngs)

@@ -3,7 +3,8 @@
 A study folder holds `data/` (built once), one folder per run (`single-NAME`,
 `centralized`, `federated-OPT`, `federated-dp-zZ` (DP-FedAvg at noise multiplier Z),
 `incremental-A-B-C`, with `@seedN` when several seeds are asked for), `stages/`
-(incremental stages, shared by the orders that begin alike), `summary.json` and, from
+(incremental stages, shared by the orders that begin alike; `stages@seedN/` per seed
+when there are several), `summary.json` and, from
 analysis, `tables/` and `figures/`. Every step skips what is already done, so a study
 interrupted anywhere resumes, and a finished one re-prints its tables in seconds.
 """
@@ -97,7 +98,9 @@ def run_config(config, spec: RunSpec, workdir: str):
       node = node[p]
     node[leaf] = value
   cfg.data.data_dir = run.data_dir_of(config, workdir)
-  cfg.incremental.stages_dir = os.path.join(os.path.abspath(workdir), 'stages')
+  # Chains share stages with their prefix; a seed's chains share only among themselves.
+  seeded = f'@seed{cfg.seed}' if len(tuple(config.study.seeds)) > 1 else ''
+  cfg.incremental.stages_dir = os.path.join(os.path.abspath(workdir), 'stages' + seeded)
   cfg.lock()
   return cfg
 

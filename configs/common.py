@@ -51,8 +51,9 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
   # Embedding rows padded to a multiple of this (same function: padding rows never reach
   # a logit). GPT-2's 50257 -> 50304 tiles on tensor cores and shards over 'model'.
   c.vocab_multiple = 128 if size.startswith('gpt2') else 1
-  # Training loss in chunks of this many tokens (the LM head recomputed in the backward
-  # pass, never all [batch, length, vocab] logits at once); 0: whole. Same loss.
+  # Training loss in chunks of this many positions of every row (the LM head recomputed
+  # in the backward pass, never all [batch, length, vocab] logits at once); 0: whole.
+  # Same loss.
   c.loss_chunk = 0
   return c
 

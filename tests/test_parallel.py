@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -185,7 +186,26 @@ def test_chunked_loss_under_pjit_with_the_vocabulary_sharded(one_device_run):
   """The chunked LM head + loss over a vocabulary split on 'model' trains like one device."""
   one_losses, one_state = one_device_run
   losses, state = worker.trajectory(parallel.make_mesh(_cfg(data=2, model=2)), RULES,
-                                    loss_chunk=24)
+                                    loss_chunk=5)
   assert state['params']['wte'].sharding.spec == P('model', None)
   np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
   _assert_states_close(jax.device_get(state), one_state)
+
+
+def test_chunked_loss_keeps_the_batch_split_over_data(tiny):
+  """Chunks run along the length, so no device gathers the others' rows of the batch."""
+  _, optimizer, _ = tiny
+  _, model, _ = worker.tiny_setup(loss_chunk=5)
+  mesh = parallel.make_mesh(_cfg(data=4, model=1))
+  init = functools.partial(steps.init_state, model=model, optimizer=optimizer,
+                           seq_len=worker.SEQ_LEN, boxed=True)
+  abstract = parallel.abstract_state(init, mesh, RULES, jax.random.key(0))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer),
+                 in_shardings=(parallel.shardings_of(abstract),
+                               parallel.batch_sharding(mesh, RULES), replicated),
+                 out_shardings=(parallel.shardings_of(abstract), replicated))
+  batch = parallel.shard_batch(mesh, {'tokens': np.zeros((8, worker.SEQ_LEN), np.int32)})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(RULES)):  # As jit_train_step.
+    hlo = step.lower(abstract, batch, jax.random.key(0)).compile().as_text()
+  assert 'all-gather' not in hlo and 'all-reduce' in hlo  # Gradients are still summed.

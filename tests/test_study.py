@@ -139,6 +139,9 @@ def test_evaluation_and_tables_follow_what_was_trained(finished, tmp_path):
   fed = study.run_config(config, study.RunSpec('f', {
       'setting': 'federated', 'federated.server_optimizer': 'fedavg'}), workdir)
   run.check_same_training(fed, folder, data_inputs=_inputs(folder))
+  # How a run is computed or saved, not what it learns: resumed and re-evaluated as is.
+  fed.model.loss_chunk, fed.train.eval_batch_size, fed.federated.vmap = 8, 2, False
+  run.check_same_training(fed, folder, data_inputs=_inputs(folder))
   with pytest.raises(ValueError, match='data folder was rebuilt'):
     run.check_same_training(fed, folder, data_inputs='0' * 64)
   with pytest.raises(ValueError, match='data folder was rebuilt'):
@@ -192,6 +195,12 @@ def test_seeds_repeat_every_run_and_tables_report_mean_and_spread(tmp_path):
   assert {s.overrides['seed'] for s in specs} == {1, 2}
   assert specs[2].overrides['federated.server_learning_rate'] == (
       config.study.adaptive_server_learning_rate)
+  # Each seed's incremental chains share stages among themselves only.
+  config.study.settings = ('centralized', 'federated', 'incremental')
+  stages = {study.run_config(config, s, '/w').incremental.stages_dir
+            for s in study.expand(config) if s.name.startswith('incremental')}
+  assert stages == {'/w/stages@seed1', '/w/stages@seed2'}
+  config.study.settings = ('centralized', 'federated')
   config.study.seeds = (2,)  # One seed replaces config.seed; names stay plain.
   assert [(s.name, s.overrides['seed']) for s in study.expand(config)][:1] == [
       ('centralized', 2)]

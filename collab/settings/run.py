@@ -211,16 +211,36 @@ def restore_or_init(engine: Engine, manager, init_from: str,
   return engine.to_device(state), extra, source
 
 
+# Config fields added since runs may have been trained, with the value that reproduces
+# how those runs trained: a run whose config.json lacks one was trained with that value.
+ADDED_FIELDS = {('model', 'attention_dropout'): None, ('model', 'vocab_multiple'): 1}
+# Fields of the kept sections that change how a run is computed, logged or saved, not
+# what it learns (same function, same data order): changing them resumes and re-evaluates
+# a run, e.g. a smaller eval batch or loss chunk after running out of memory.
+NOT_TRAINING = {
+    'data': ('data_dir',),
+    'model': ('attention', 'loss_chunk'),
+    'train': ('eval_batch_size', 'log_every', 'eval_every', 'checkpoint_every',
+              'keep_checkpoints'),
+    'federated': ('vmap', 'steps_per_call', 'client_block', 'checkpoint_every', 'eval_every'),
+    'incremental': ('stages_dir',),
+}
+
+
 def _trained_as(cfg, ignore=()) -> dict:
-  """The parts of a run's config that decide its training (not paths, mesh or evals)."""
+  """The parts of a run's config that decide its training (not paths, mesh or evals),
+  with the fields newer than a folder's record at their neutral values."""
   c = json.loads(cfg.to_json_best_effort())
-  c['data'].pop('data_dir', None)
   keep = ['seed', 'setting', 'single', 'model', 'data', 'train']
   if cfg.setting == 'federated':
     keep.append('federated')
   if cfg.setting == 'incremental':
-    c['incremental'].pop('stages_dir', None)
     keep.append('incremental')
+  for (section, field), value in ADDED_FIELDS.items():
+    c.get(section, {}).setdefault(field, value)
+  for section, fields in NOT_TRAINING.items():
+    for field in fields:
+      c.get(section, {}).pop(field, None)
   return {k: c[k] for k in keep if k not in ignore}
 
 
@@ -232,10 +252,6 @@ def _differences(old, new, prefix: str = '') -> list:
   return [] if old == new else [(prefix[:-1], old, new)]
 
 
-# Config fields added since runs may have been trained, with the value that reproduces
-# how those runs trained: a run whose config.json lacks one was trained with that value.
-ADDED_FIELDS = {('model', 'attention_dropout'): None, ('model', 'vocab_multiple'): 1,
-                ('model', 'loss_chunk'): 0}
 CONFIG_JSON = 'config.json'
 DATA_INPUTS_JSON = 'data_inputs.json'  # The data folder's input fingerprint at training.
 
@@ -252,8 +268,6 @@ def training_differences(cfg, folder: str, ignore=(), data_inputs: str | None = 
   path = os.path.join(folder, CONFIG_JSON)
   if os.path.isfile(path):
     old = _trained_as(ml_collections.ConfigDict(io.read_json(path)), ignore)
-    for (section, field), value in ADDED_FIELDS.items():
-      old.get(section, {}).setdefault(field, value)
     changed = _differences(old, _trained_as(cfg, ignore))
   path = os.path.join(folder, DATA_INPUTS_JSON)
   if data_inputs and os.path.isfile(path):
