@@ -27,10 +27,17 @@ _FOLDER_FLAGS = ('workdir', 'data_dir')
 _OVERRIDE_RE = re.compile(r'^--?(no)?config\.')
 
 
+# Library warnings about what collab does on purpose: Orbax warns whenever a manager is
+# opened read-only, which is how an incremental stage reads the stage before it.
+_EXPECTED = ('Given directory is read only',)
+
+
 class _DropLibraryInfo(py_logging.Filter):
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(
-        n in record.pathname for n in _NOISY)
+    if not any(n in record.pathname for n in _NOISY):
+      return True
+    return record.levelno >= py_logging.WARNING and not any(
+        str(record.msg).startswith(e) for e in _EXPECTED)
 
 
 def quiet_libraries() -> None:

@@ -98,3 +98,14 @@ def test_known_errors_at_the_top_become_one_line(quiet, capsys, error, named):
 def test_other_errors_at_the_top_propagate(quiet):
   with pytest.raises(RuntimeError, match='a bug'):
     common.run_or_exit('launch.study', _raise(RuntimeError('a bug')))
+
+
+def test_library_logs_keep_warnings_but_not_the_expected_ones():
+  import logging  # pylint: disable=g-import-not-at-top
+  keep = common._DropLibraryInfo().filter  # pylint: disable=protected-access
+  record = lambda path, level, msg: logging.LogRecord('absl', level, path, 1, msg, (), None)
+  orbax = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
+  assert not keep(record(orbax, logging.INFO, 'Saving item'))
+  assert keep(record(orbax, logging.WARNING, 'Something unexpected'))
+  assert not keep(record(orbax, logging.WARNING, 'Given directory is read only=%s'))
+  assert keep(record('/repo/collab/train.py', logging.INFO, 'step 10'))
