@@ -200,6 +200,9 @@ class Attention(nn.Module):
                          f"{jax.default_backend()}; use model.attention='xla'.")
       out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
                                                  is_causal=True, implementation='cudnn')
+      # Declared, not called, as `_attend` does: flax names (and keys) dropout modules by
+      # order, so the residual dropout draws the same masks on either path.
+      nn.Dropout(cfg.attn_dropout)
     elif cache is None:
       mask_Bx1xLxT = jnp.tril(jnp.ones((L, L), bool))[None, None]
       out_BxLxHxK = self._attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxT,

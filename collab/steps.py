@@ -140,7 +140,7 @@ def chunked_nll(x_BxLxD: jax.Array, wte_VxD: jax.Array, labels_BxL: jax.Array,
   backward pass (jax.checkpoint), so only [B, chunk, V] logits exist at once. Chunks run
   along the length: the batch axis (sharded over 'data') stays whole in each."""
   B, L, D = x_BxLxD.shape
-  C = config.loss_chunk
+  C = min(config.loss_chunk, L)  # A chunk past the row would only add padding.
   pad = -L % C
   x_KxBxCxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
       B, -1, C, D).transpose(1, 0, 2, 3)

@@ -310,3 +310,18 @@ def test_training_takes_the_fused_path_when_only_attention_dropout_is_off():
   with pytest.raises(ValueError, match='needs an NVIDIA GPU'):
     train_forward(fused)  # The fused kernel is chosen (and refused off GPU).
   assert train_forward(dataclasses.replace(fused, attention_dropout=None)).shape[-1] == 128
+
+
+def test_fused_and_einsum_attention_draw_the_same_dropout_masks(monkeypatch):
+  """Switching model.attention resumes a run as is: same function, same residual masks.
+  The cuDNN kernel is swapped for XLA's implementation of the same call (no GPU here)."""
+  fused_call = jax.nn.dot_product_attention
+  monkeypatch.setattr(M.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(M.jax.nn, 'dot_product_attention',
+                      lambda *a, implementation=None, **k: fused_call(*a, **k))
+  params, tokens_BxL = _init(), _tokens((2, 8))
+  einsum = dataclasses.replace(CFG, attention_dropout=0.0)
+  fused = dataclasses.replace(einsum, attention='cudnn')
+  a, b = (_dropped_out(cfg, params, tokens_BxL, 0) for cfg in (einsum, fused))
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  assert np.abs(a - _dropped_out(einsum, params, tokens_BxL, 1)).max() > 1e-3

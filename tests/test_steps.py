@@ -248,3 +248,19 @@ def test_chunked_loss_equals_whole_logits_loss_and_trains_alike(vocab_multiple):
     np.testing.assert_allclose(a, b, atol=1e-5)
   with pytest.raises(ValueError, match='loss_chunk'):
     dataclasses.replace(base, loss_chunk=-1)
+
+
+def test_a_chunk_longer_than_the_rows_is_one_chunk_of_the_row():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(tiny_setup()[1].config, loss_chunk=SEQ_LEN)
+  x_BxLxD = jax.random.normal(jax.random.key(0), (2, SEQ_LEN, cfg.d_model))
+  wte_VxD = jax.random.normal(jax.random.key(1), (cfg.vocab_size, cfg.d_model))
+  labels_BxL = jax.random.randint(jax.random.key(2), (2, SEQ_LEN), 0, cfg.vocab_size)
+  exact = steps.chunked_nll(x_BxLxD, wte_VxD, labels_BxL, cfg)
+  long = steps.chunked_nll(x_BxLxD, wte_VxD, labels_BxL,
+                           dataclasses.replace(cfg, loss_chunk=4 * SEQ_LEN))
+  np.testing.assert_array_equal(long, exact)
+  lowered = jax.jit(functools.partial(steps.chunked_nll, config=dataclasses.replace(
+      cfg, loss_chunk=4 * SEQ_LEN))).lower(x_BxLxD, wte_VxD, labels_BxL).as_text()
+  assert f'2x{SEQ_LEN}x{cfg.vocab_size}xf32' in lowered  # The row's logits, no padding.
+  assert f'x{4 * SEQ_LEN}x{cfg.vocab_size}x' not in lowered
