@@ -151,7 +151,8 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: PyTree,
   if _is_hf_folder(init_from):
     if import_params is None:
       raise ValueError(f'init_from {init_from!r} is a Hugging Face folder; pass '
-                       'import_params (collab.settings.run.params_importer(model_config)) to read it.')
+                       'import_params (collab.settings.run.params_importer(model_config)) '
+                       'to read it.')
     params = place_params(import_params(init_from), abstract_params, init_from)
   elif os.path.isdir(checkpoint_dir(init_from)):
     params = _run_params(init_from, abstract_params)

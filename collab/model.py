@@ -6,9 +6,10 @@ residual branches (attention dropout can differ: the fused attention kernels hav
 Parameters are float32; `ModelConfig.dtype` sets the compute dtype; logits are always
 float32 and always `vocab_size` wide, even where `vocab_multiple` pads the embedding
 table (a vocabulary like GPT-2's 50257 = 29 x 1733 neither tiles on matrix units nor
-shards over devices). Padding rows start at zero, get no gradient and reach no logit. The parameter tree mirrors transformers' GPT-2 names
-(`wte`, `wpe`, `h_{i}/{ln_1,attn,ln_2,mlp}`, `ln_f`) and layouts up to reshapes, which
-keeps `collab.hf` a table of renames.
+shards over devices). Padding rows start at zero, get no gradient and reach no logit.
+The parameter tree mirrors transformers' GPT-2 names (`wte`, `wpe`,
+`h_{i}/{ln_1,attn,ln_2,mlp}`, `ln_f`) and layouts up to reshapes, which keeps `collab.hf`
+a table of renames.
 
 Shapes: B batch, L query length, T cache slots, D d_model, H heads, K head width,
 F MLP width, V vocabulary, P max positions.

@@ -259,5 +259,6 @@ def test_init_from_refuses_another_vocabulary_padded_to_the_same_rows(tmp_path):
   folder = hf.export_hf(_params(), CFG, str(tmp_path / 'gpt2'))  # 200 -> 256 rows at 64.
   for vocab in (250, 193):
     model_cfg = dataclasses.replace(CFG, vocab_size=vocab, vocab_multiple=64)
-    with pytest.raises(checkpoint.ParamsMismatchError, match=f'vocab_size 200 \\(model: {vocab}\\)'):
+    with pytest.raises(checkpoint.ParamsMismatchError,
+                       match=f'vocab_size 200 \\(model: {vocab}\\)'):
       run.params_importer(model_cfg)(folder)
