@@ -2,10 +2,12 @@ r"""The study's tables, as Markdown and LaTeX, from results.json files only.
 
   python -m analysis.tables --workdir=runs/default
 
-Reads WORKDIR/*/results.json (one per run) and WORKDIR/summary.json (the study-wide
-cross-organization analysis), writes WORKDIR/tables/{name}.md and {name}.tex, and prints
-the Markdown. The privacy tables (privacy, canaries, membership) appear only when some run
-has a DP budget, canary exposure or membership inference in its results. Runs repeated
+Reads the results.json of the runs WORKDIR/summary.json lists (without one, every
+WORKDIR/*/results.json) and summary.json's study-wide cross-organization analysis, writes
+WORKDIR/tables/{name}.md and {name}.tex, and prints the Markdown. The privacy tables
+(privacy, canaries, membership) appear only when some run has a DP budget, canary
+exposure or membership inference in its results, and the clients table only when a run
+audited finer clients than the participants. Runs repeated
 over seeds (`name@seedN`) are shown as mean ± standard deviation. The same results give
 the same bytes.
 """

@@ -30,6 +30,7 @@ from collab.evals import passk
 from collab.evals import sampling
 from collab.evals import scoring
 from collab.evals import stats
+from collab.settings import incremental
 from collab.settings import run
 
 RESULTS_JSON = 'results.json'
@@ -223,7 +224,7 @@ def evaluate_membership(config, workdir: str, tokenizer, score, seq_len: int) ->
 def check_trained_as(config, workdir: str, data_inputs: str | None) -> None:
   """Raises unless `config` (and the data) are what `workdir` trained with: results.json
   records the setting, seed and clients of the config it is evaluated under."""
-  ignore = ('incremental',) if config.setting == 'incremental' else ()
+  ignore = incremental.CHAIN_FIELDS if config.setting == 'incremental' else ()
   changed = run.training_differences(config, workdir, ignore, data_inputs)
   if changed:
     flags = ' '.join(f'--config.{path}={old}' if old is not None

@@ -129,8 +129,9 @@ def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
 def _embedding_init(config: ModelConfig):
   """normal(INIT_STD) rows for the vocabulary, then zero padding rows.
 
-  Zero rows stay zero under AdamW and weight decay (their gradient is zero), add nothing
-  to update norms, and the real rows are what an unpadded model draws from the same key.
+  Zero rows stay zero under AdamW and weight decay (their gradient is zero; DP-FedAvg's
+  noise is the exception, and still reaches no logit), and the real rows are what an
+  unpadded model draws from the same key.
   """
   def init(key, shape, dtype=jnp.float32):
     rows = nn.initializers.normal(INIT_STD)(key, (config.vocab_size,) + shape[1:], dtype)

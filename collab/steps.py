@@ -155,14 +155,9 @@ def chunked_nll(x_BxLxD: jax.Array, wte_VxD: jax.Array, labels_BxL: jax.Array,
   return nll_KxBxC.transpose(1, 0, 2).reshape(B, -1)[:, :L]
 
 
-def loss_sums(params: PyTree, batch: dict, *, model: nn.Module, deterministic: bool = True,
-              dropout_rng: jax.Array | None = None) -> tuple:
-  """Next-token cross entropy: (sum over weighted predictions, number of them).
-
-  Positions 0..L-2 predict tokens 1..L-1; every prediction of a row counts with the
-  row's weight (0 for padding rows), so padding never moves the loss or its gradient.
-  """
-  tokens_BxL = batch['tokens']
+def token_nll(params: PyTree, tokens_BxL: jax.Array, *, model: nn.Module,
+              deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
+  """nll_BxT (T = L - 1), float32: -log p(tokens[:, t + 1] | tokens[:, :t + 1])."""
   if tokens_BxL.ndim != 2 or tokens_BxL.shape[1] < 2:
     raise ValueError(f'batch["tokens"] must be [B, L] with L >= 2, got shape {tokens_BxL.shape}.')
   rngs = {} if dropout_rng is None else {'dropout': dropout_rng}
@@ -179,6 +174,19 @@ def loss_sums(params: PyTree, batch: dict, *, model: nn.Module, deterministic: b
                                rngs=rngs)
     nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxLxV.astype(jnp.float32), labels_BxL)[:, :-1]
+  return nll_BxT
+
+
+def loss_sums(params: PyTree, batch: dict, *, model: nn.Module, deterministic: bool = True,
+              dropout_rng: jax.Array | None = None) -> tuple:
+  """Next-token cross entropy: (sum over weighted predictions, number of them).
+
+  Positions 0..L-2 predict tokens 1..L-1; every prediction of a row counts with the
+  row's weight (0 for padding rows), so padding never moves the loss or its gradient.
+  """
+  tokens_BxL = batch['tokens']
+  nll_BxT = token_nll(params, tokens_BxL, model=model, deterministic=deterministic,
+                      dropout_rng=dropout_rng)
   weights_B = _row_weights(batch, tokens_BxL)
   loss_sum = jnp.sum(nll_BxT * weights_B[:, None])
   token_count = jnp.sum(weights_B) * nll_BxT.shape[1]

@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.setting = 'federated'  # The point of this family (launch.train runs it as is).
   c.data.participants = common.default_participants(MAX_BYTES_PER_PARTICIPANT)
   c.data.max_file_bytes = 8_000  # Small files: more of them, and more repositories, per cap.
-  c.data.seq_len = 64  # Short blocks: ~4,600 of them in all, so 1,200 clients hold >= 3.
+  c.data.seq_len = 64  # Short blocks: ~4,900 of them in all, so 1,200 clients hold >= 3.
   c.data.tokenizer.vocab_size = 2048  # Small vocabulary, as configs/default.py.
   c.train.batch_size = 4  # A client's batch: about one pass over its ~4 blocks per step.
   c.train.learning_rate = 2e-3  # As configs/default.py (a 1.5M model trains stably at it).

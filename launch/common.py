@@ -166,8 +166,9 @@ def _returned_none(argv: list) -> str:
 
 def _check_parsed(name: str, argv: list) -> None:
   """Loads a deferred --config now, and refuses folder flags that name files."""
-  if _returned_none(argv):
-    fail(name, _returned_none(argv))
+  returned_none = _returned_none(argv)
+  if returned_none:
+    fail(name, returned_none)
   if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
     # ml_collections defers a missing file's OSError to the config's first use: this one.
     getattr(flags.FLAGS['config'].value, 'lock', None)

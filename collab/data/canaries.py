@@ -17,7 +17,6 @@ membership inference) can leave them out.
 """
 
 import hashlib
-import json
 import os
 
 import numpy as np
@@ -59,7 +58,7 @@ def validate(cfg: dict | None) -> None:
   if cfg['length'] < 1:
     raise ValueError(f"data.canaries.length={cfg['length']} must be >= 1.")
   needed = len(repeats) * cfg['per_repeat']
-  if len(alphabet) ** cfg['length'] < 2 * needed:
+  if space_size(alphabet, cfg['length']) < 2 * needed:
     raise ValueError(f'data.canaries: {len(alphabet)} ** {cfg["length"]} possible secrets '
                      f'are too few for {needed} distinct canaries; raise length.')
 
@@ -69,11 +68,15 @@ def space_size(alphabet: str, length: int) -> int:
   return len(alphabet) ** length
 
 
-def _rng(seed: int, participant: str) -> np.random.Generator:
-  """A generator fixed by (seed, participant): one participant's canaries never move
-  when another participant is added or removed."""
-  digest = hashlib.sha256(f'canaries\0{seed}\0{participant}'.encode()).digest()
+def seeded_rng(*parts) -> np.random.Generator:
+  """A generator fixed by its named parts (a purpose, a seed, a participant ...): one
+  participant's draws never move when another participant is added or removed."""
+  digest = hashlib.sha256('\0'.join(str(p) for p in parts).encode()).digest()
   return np.random.default_rng(int.from_bytes(digest[:8], 'little'))
+
+
+def _rng(seed: int, participant: str) -> np.random.Generator:
+  return seeded_rng('canaries', seed, participant)
 
 
 def make_canaries(cfg: dict, participant: str) -> list:
@@ -142,8 +145,7 @@ def insert_for_build(cfg: dict, out_dir: str, participant: str, records: list,
   meta = {'alphabet': c['alphabet'], 'length': c['length'], 'repeats': list(c['repeats']),
           'per_repeat': c['per_repeat'], 'seed': c['seed'], 'participants': {}}
   if os.path.isfile(path):
-    with open(path, encoding='utf-8') as f:
-      meta = json.load(f)
+    meta = io.read_json(path)
   meta['participants'][participant] = canaries
   io.atomic_write_json(path, meta)
   entry = {'canaries': len(canaries), 'copies': sum(x['repeats'] for x in canaries),
@@ -156,8 +158,7 @@ def load(data_dir: str) -> dict | None:
   path = os.path.join(data_dir, CANARIES_JSON)
   if not os.path.isfile(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return io.read_json(path)
 
 
 def is_canary(record: dict) -> bool:

@@ -31,8 +31,6 @@ _EMPTY_I = np.zeros(0, np.int64)
 
 def span_windows(row: dict, min_lines: int, clone_type: int) -> np.ndarray:
   """hash_N of a memorized.jsonl row's span: its `text` holds exactly the span's lines."""
-  if row.get('window_hashes') is not None:
-    return np.asarray(row['window_hashes'], np.uint64)
   hash_K, _ = clones.line_hashes(row['text'], clone_type)
   return clones.window_hashes(hash_K, np.zeros(hash_K.size, np.int64), min_lines)[0]
 
@@ -73,7 +71,7 @@ def client_table(granularity: str, rows: Sequence[dict], indexes: dict, doc_clie
                  blocks: dict, owner: dict) -> dict:
   """The per-client block of results['memorization'] (see the module docstring).
 
-  rows: memorized.jsonl rows (`text` or `window_hashes`, `sample_id`); indexes:
+  rows: memorized.jsonl rows (`text`, `sample_id`); indexes:
   participant -> training CloneIndex; doc_clients: participant -> the client of each
   indexed file ('' for none); blocks / owner: client -> training blocks / participant
   (the federation; a client that owns no block is absent and reported with 0 blocks).

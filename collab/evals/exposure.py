@@ -22,23 +22,23 @@ in a quote and secrets are alphanumeric, so the BPE keeps that boundary; should 
 the loss starts after the longest shared token prefix).
 """
 
-import hashlib
 import itertools
 import math
 from typing import Callable, Sequence
 
 import numpy as np
 
+from collab.data import canaries as canaries_lib
+
 
 def candidate_secrets(alphabet: str, length: int, secret: str, max_candidates: int,
                       seed: int) -> tuple:
   """(secrets other than `secret`, exact): all of R \\ {secret}, or a seeded sample."""
-  size = len(alphabet) ** length
+  size = canaries_lib.space_size(alphabet, length)
   if size <= max_candidates + 1:
     return [''.join(t) for t in itertools.product(alphabet, repeat=length)
             if ''.join(t) != secret], True
-  digest = hashlib.sha256(f'exposure\0{seed}\0{secret}'.encode()).digest()
-  rng = np.random.default_rng(int.from_bytes(digest[:8], 'little'))
+  rng = canaries_lib.seeded_rng('exposure', seed, secret)
   letters = np.array(list(alphabet))
   out = []
   while len(out) < max_candidates:  # Uniform over R \ {secret}: redraw the secret itself.
@@ -104,7 +104,7 @@ def evaluate(score: Callable, encode: Callable, eot_id: int, meta: dict, *,
   if candidates < 1:
     raise ValueError(f'config.eval.canaries.candidates={candidates} must be >= 1.')
   alphabet, length = meta['alphabet'], int(meta['length'])
-  space = len(alphabet) ** length
+  space = canaries_lib.space_size(alphabet, length)
   names = list(meta['participants']) if participants is None else list(participants)
   jobs, secrets = [], []  # One scoring call for every canary of every participant.
   for name in names:

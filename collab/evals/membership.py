@@ -20,7 +20,6 @@ and TPR = share of members scoring strictly above t (the ROC curve's best point 
 FPR <= fpr).
 """
 
-import hashlib
 import math
 from typing import Callable, Sequence
 
@@ -70,8 +69,7 @@ def tpr_at_fpr(members: Sequence[float], nonmembers: Sequence[float],
 
 def sample_files(records: Sequence[dict], max_files: int, seed: int, tag: str) -> list:
   """Up to `max_files` non-canary records in a seeded random order (0: all of them)."""
-  digest = hashlib.sha256(f'membership\0{seed}\0{tag}'.encode()).digest()
-  order = np.random.default_rng(int.from_bytes(digest[:8], 'little')).permutation(len(records))
+  order = canaries_lib.seeded_rng('membership', seed, tag).permutation(len(records))
   out = []
   for i in order.tolist():
     if max_files and len(out) >= max_files:

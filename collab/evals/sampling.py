@@ -47,13 +47,8 @@ from collab.evals import decode_loop
 from collab.evals import decode_text
 from collab.evals import processors
 
-PAD = decode_text.PAD
 cut_at_stop = decode_text.cut_at_stop  # Part of this module's API (memorization uses it).
 _BUCKET = 32  # Prompt and cache lengths are rounded up to this, to reuse compilations.
-# The compiled part lives in decode_loop; these stay importable from here.
-DecodeState = decode_loop.DecodeState
-prefill = decode_loop.prefill
-decode = decode_loop.decode
 
 
 # --- The host side: prompts, batches, stop strings, compaction, progress.

@@ -14,10 +14,10 @@ from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import auto as tqdm
 
 from collab import parallel
+from collab import steps
 from collab.evals import sampling
 from collab.model import GPT2
 
@@ -26,10 +26,7 @@ LENGTH_BUCKET = 16  # Sequence lengths are rounded up to this: few compilations.
 
 def token_logprobs(params, batch: dict, *, model) -> jnp.ndarray:
   """logprobs_BxT (T = L - 1): log p(tokens[:, t + 1] | tokens[:, :t + 1]), float32."""
-  tokens_BxL = batch['tokens']
-  logits_BxLxV = model.apply({'params': params}, tokens_BxL, deterministic=True)
-  return -optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV[:, :-1].astype(jnp.float32), tokens_BxL[:, 1:])
+  return -steps.token_nll(params, batch['tokens'], model=model)
 
 
 def bucket_length(n: int, max_len: int) -> int:

@@ -108,6 +108,8 @@ def server_update(server: dict, client_params_C: PyTree, weights_C: jax.Array, *
                   server_optimizer: optax.GradientTransformation) -> tuple:
   """A whole round in one block: (new {'step', 'params', 'opt_state'}, metrics).
 
+  The one-block reference the tests hold `rounds`' accumulate + apply path to.
+
   Metrics: `delta_norm` [C] (each client's distance from the server parameters) and
   `update_norm` (how far the server parameters moved).
   """
