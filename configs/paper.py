@@ -1,12 +1,22 @@
 """Paper scale: GPT-2 124M, context 1024, PROTOCOL.md hyperparameters, for GPUs and TPU pods.
 
-  python -m launch.study --config=configs/paper.py:/data/paper --workdir=runs/paper
+  python -m launch.study --config=configs/paper.py:/data/artifact --workdir=runs/paper
 
-The argument is a folder holding the paper's released data, `{org}_train.json.gz` and
-`{org}_valid.json.gz` for org in google, microsoft, facebook (gzipped JSON lines:
-repo_name, path, content, license); collab pools each org's two files and re-splits them
-80/20 with seed 1 after cleaning. Without it the three default participants are used
-at full size. Add
+The argument is a checkout of the paper's artifact (its Git LFS files pulled), laid out as
+released: `dataset/{org}/{org}_train.json.gz` and `{org}_valid.json.gz` for org in google,
+microsoft, facebook (gzipped JSON lines without `path`: repo_name, copies, size, content,
+license, hash, the cleaning's statistics and flags), and `prompts/{org}_prompts.csv`
+(function id, signature with docstring, function body). collab reads them as released:
+  - the paper's split: each org's train file is its training data, its valid file its
+    validation data (data.split = 'given'), never pooled and re-split;
+  - the release is already cleaned, so its random filters' flags are trusted (no second
+    0.7 draw on config/test and keyword-less files); the deterministic filters run and the
+    data card counts what they drop (nothing, on the release);
+  - memorization prompts are the released ones, at their original indentation; the
+    results also report how often a sample reproduces the released function body.
+Files are named by the release's `hash` (they have no path), so federated clients by
+'directories' are refused; 'repositories' work. Without the argument the three default
+participants are used at full size, split and prompted as in the default study. Add
 `--multihost` on pods (one process per host); `parallel.mesh` shards data over every
 device by default.
 """
@@ -18,13 +28,30 @@ from configs import common
 PAPER_ORGS = ('google', 'microsoft', 'facebook')
 
 
+def release_participant(root: str, org: str):
+  """One organization of the artifact at `root`, read as released (see the docstring)."""
+  train, valid = (f'jsonl:{os.path.join(root, "dataset", org, f"{org}_{side}.json.gz")}'
+                  for side in ('train', 'valid'))
+  p = common.participant(org, (train, valid))
+  p.valid_sources = (valid,)  # With data.split='given': these files are the validation side.
+  # The release's flags stand for the random filters' draw (already made); see clean.py.
+  p.trusted_flags = ('config_or_test', 'has_no_keywords')
+  return p
+
+
 def get_config(arg=None):
-  """`arg`: a folder with the paper's {org}_train.json.gz files, or empty for the defaults."""
+  """`arg`: a checkout of the paper's artifact (see the docstring), or empty for the defaults."""
   c = common.base_config('gpt2')  # 12 layers, 12 heads, d_model 768, 1024 positions.
+  # Released prompts CSV per participant ('{participant}' is filled in); '': collab's own
+  # prompts, every documented function of the training files.
+  c.eval.memorization.prompts_csv = ''
+  # True: prompts keep their original indentation (the paper's); False: dedented.
+  c.eval.memorization.keep_indent = False
   if arg:
-    c.data.participants = [common.participant(o, tuple(
-        f'jsonl:{os.path.join(arg, f"{o}_{split}.json.gz")}' for split in ('train', 'valid')))
-        for o in PAPER_ORGS]
+    c.data.participants = [release_participant(arg, o) for o in PAPER_ORGS]
+    c.data.split = 'given'  # The release's own train/valid files (PROTOCOL: the paper's split).
+    c.eval.memorization.prompts_csv = os.path.join(arg, 'prompts', '{participant}_prompts.csv')
+    c.eval.memorization.keep_indent = True
   c.data.tokenizer.vocab_size = 50257  # A GPT-2-sized BPE trained on the training splits.
   c.data.tokenizer.max_bytes = 200_000_000  # BPE training text cap.
   c.model.dtype = 'bfloat16'  # Compute in bfloat16 on accelerators; parameters stay float32.

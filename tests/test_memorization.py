@@ -110,6 +110,18 @@ def test_overfit_model_memorizes_its_participant_only(audited, data_dir):
   assert unprompted['samples'] == 4
   assert unprompted['participants']['beta']['ratio'] == 0.0
   assert result['prompts']['alpha']['kept'] == 4
+  assert (result['prompts']['alpha']['source'],
+          result['prompts']['alpha']['indentation']) == ('training files', 'dedented')
+
+
+def test_default_study_gets_the_duplication_breakdown(audited):
+  _, _, result = audited
+  dup = result['duplication']  # dir: sources: every file once, so all in bucket '1'.
+  alpha = dup['participants']['alpha']
+  assert alpha['spans'] == result['participants']['alpha']['spans'] > 0
+  assert alpha['buckets']['1']['spans'] == alpha['spans']
+  assert alpha['buckets']['1']['window_share'] == 1.0
+  assert alpha['buckets']['1']['relative_rate'] == 1.0
 
 
 def _normalized(lines):

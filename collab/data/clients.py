@@ -9,7 +9,8 @@
   directories   `{participant}/{repo}/{folder}`: the first `directory_depth` folders of the
                 file's path inside its repository (files less deep: their own folder; files
                 at the repository's root: the repository). A `pkg:` path starts with its
-                import package (`jax/_src/...`), so depth 2 gives sub-packages.
+                import package (`jax/_src/...`), so depth 2 gives sub-packages. Files
+                without a path (the paper's release) refuse this granularity.
   synthetic     each participant's training blocks cut into `synthetic_clients` contiguous
                 shards `{participant}#0042`, of equal sizes or sizes drawn from a seeded
                 Dirichlet(alpha); every shard holds >= 1 block.
@@ -76,7 +77,13 @@ class Provenance(NamedTuple):
   start_F: np.ndarray  # int64 offset of each file's EOT in the packed stream.
   total: int  # Tokens in the packed stream (the tail past the last full block included).
   repo_F: list  # Each file's repository.
-  path_F: list  # Each file's path inside its repository.
+  path_F: list  # Each file's path inside its repository (or its identity, see below).
+  # int64 duplication count of each file (the source's `copies`, else 1 + the identical
+  # files exact dedup collapsed into it); None in folders built before it existed.
+  copies_F: np.ndarray | None = None
+  # Sources whose files have no path (the paper's release): path_F holds their identity
+  # (`hash:...`), so clients by directory cannot be formed from them.
+  pathless_sources: tuple = ()
 
 
 def provenance_path(data_dir: str, participant: str, split: str) -> str:
@@ -101,9 +108,12 @@ def save_provenance(path: str, records, ids_per_file) -> None:
   start_F = np.concatenate([[0], np.cumsum(lengths_F)[:-1]]).astype(np.int64)
   repos, repo_ends = _strings([r['repo'] for r in records])
   paths, path_ends = _strings([r['path'] for r in records])
+  copies_F = np.asarray([r.get('copies', 1) for r in records], np.int64)
+  pathless = sorted({r['source'] for r in records if r.get('identity') and 'source' in r})
   io.atomic_write(path, lambda f: np.savez(
       f, start_F=start_F, total=np.int64(lengths_F.sum()), repos=repos, repo_ends=repo_ends,
-      paths=paths, path_ends=path_ends), binary=True)
+      paths=paths, path_ends=path_ends, copies_F=copies_F,
+      pathless=np.asarray(pathless, dtype=np.str_)), binary=True)
 
 
 def load_provenance(data_dir: str, participant: str, split: str = 'train') -> Provenance:
@@ -117,7 +127,9 @@ def load_provenance(data_dir: str, participant: str, split: str = 'train') -> Pr
         'rebuild their data folder when the build version changes).')
   with np.load(path, allow_pickle=False) as z:
     return Provenance(z['start_F'], int(z['total']), _unstrings(z['repos'], z['repo_ends']),
-                      _unstrings(z['paths'], z['path_ends']))
+                      _unstrings(z['paths'], z['path_ends']),
+                      z['copies_F'] if 'copies_F' in z.files else None,
+                      tuple(z['pathless'].tolist()) if 'pathless' in z.files else ())
 
 
 def majority(starts_A: np.ndarray, starts_B: np.ndarray, end: int) -> np.ndarray:
@@ -219,6 +231,11 @@ def _file_names(fed_cfg, participant: str, prov: Provenance) -> list:
   """The repository or directory client of each file."""
   if fed_cfg.clients == 'repositories':
     return [repository_client(participant, r) for r in prov.repo_F]
+  if prov.pathless_sources:
+    raise ValueError(f'config.federated.clients=\'directories\' needs file paths, and '
+                     f'participant {participant!r} has files without one (source '
+                     f'{prov.pathless_sources[0]}, the release format); use \'repositories\' '
+                     "or 'synthetic' clients.")
   depth = int(fed_cfg.directory_depth)
   return [directory_client(participant, r, p, depth) for r, p in zip(prov.repo_F, prov.path_F)]
 

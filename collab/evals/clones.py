@@ -112,6 +112,10 @@ class CloneIndex:
   doc_freq_U: np.ndarray  # int32 distinct documents holding the hash.
   repo_D: np.ndarray  # str
   path_D: np.ndarray  # str
+  # int64 duplication count of each document (data provenance, collab/data/clean.py);
+  # attached after loading by whoever knows it (memorization.load_or_build_index), never
+  # saved with the index. None: unknown.
+  copies_D: np.ndarray | None = None
 
   @classmethod
   def from_windows(cls, participant, min_lines, clone_type, win_hash_N, win_doc_N,
@@ -186,7 +190,8 @@ class CloneIndex:
 
   def save(self, path: str) -> None:
     """Writes the index to `path` (.npz), atomically."""
-    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name != 'copies_D'}
     meta = {k: fields.pop(k) for k in ('participant', 'min_lines', 'clone_type')}
     meta['version'] = _FORMAT_VERSION
     io.atomic_write(path, lambda f: np.savez(f, meta=np.array([json.dumps(meta)]), **fields),

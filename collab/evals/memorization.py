@@ -30,11 +30,13 @@ from tqdm import auto as tqdm
 
 from collab import io
 from collab.data import blocks as blocks_lib
+from collab.data import clients as clients_lib
 from collab.data import tfds_builder
 from collab.data import tokenizer as tokenizer_lib
 from collab.evals import clones
 from collab.evals import crossorg
-from collab.evals import prompts as prompts_lib
+from collab.evals import duplication
+from collab.evals import released_prompts
 from collab.evals import sampling
 from collab.evals import stats
 
@@ -67,20 +69,33 @@ def _locked(folder: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _copies(data_dir: str, participant: str, split: str, num_docs: int):
+  """copies_D of a split's files from its provenance; None in folders built before."""
+  try:
+    copies_F = clients_lib.load_provenance(data_dir, participant, split).copies_F
+  except blocks_lib.DataNotBuiltError:
+    return None
+  return copies_F if copies_F is not None and len(copies_F) == num_docs else None
+
+
 def load_or_build_index(data_dir: str, participant: str, split: str, min_lines: int,
                         clone_type: int) -> clones.CloneIndex:
-  """The clone index of one split, from DATA_DIR/clones/ or built (and saved) now."""
+  """The clone index of one split, from DATA_DIR/clones/ or built (and saved) now, with
+  its documents' duplication counts (`copies_D`) when the data folder has them."""
   path = index_path(data_dir, participant, split, min_lines, clone_type)
   with _locked(os.path.dirname(path)):
+    index = None
     if os.path.isfile(path):
       try:
-        return clones.CloneIndex.load(path)
+        index = clones.CloneIndex.load(path)
       except clones.IndexFormatError as e:
         logging.warning('Rebuilding %s: %s', path, e)
-    records = tfds_builder.load_split(data_dir, participant, split)
-    index = clones.build_index(records, min_lines, clone_type, participant=participant)
-    index.save(path)
-    return index
+    if index is None:
+      records = tfds_builder.load_split(data_dir, participant, split)
+      index = clones.build_index(records, min_lines, clone_type, participant=participant)
+      index.save(path)
+  index.copies_D = _copies(data_dir, participant, split, index.num_docs)
+  return index
 
 
 def build_indexes(data_dir: str, participants: Sequence[str], min_lines: int = 6,
@@ -99,6 +114,7 @@ def crossorg_summary(data_dir: str, participants: Sequence[str], min_lines: int 
           'distinct_windows': report['distinct_windows'],
           'cross_org_windows': report['cross_org_windows'],
           'num_cross_org_fingerprints': len(report['clones']),
+          'repository_pairs': report['repository_pairs'],
           'examples': report['clones'][:num_examples]}
 
 
@@ -116,6 +132,7 @@ class Sample:
   name: str  # Qualified function name of the prompt.
   prompt: str  # Prompt text, without the end-of-text token.
   completion: str  # Generated text, cut at the stop strings.
+  reference: str = ''  # The prompt's released function body (prompts CSV); '': none.
 
   @property
   def text(self) -> str:
@@ -157,9 +174,8 @@ def prompted_samples(cfg, data_dir: str, participant: str, complete: Complete, t
   if cap < int(cfg.max_prompt_tokens):
     logging.info('Prompts capped at %d tokens (model max_len %d).', cap, max_len)
   records = tfds_builder.load_split(data_dir, participant, 'train')
-  prompts, counts = prompts_lib.extract_prompts(
-      records, participant=participant, tokenizer=tokenizer, max_tokens=cap,
-      max_prompts=int(cfg.max_prompts), seed=seed)
+  prompts, counts = released_prompts.participant_prompts(cfg, records, participant,
+                                                           tokenizer, cap, seed)
   if not prompts:
     return [], counts
   n = int(cfg.samples_per_prompt)
@@ -172,7 +188,7 @@ def prompted_samples(cfg, data_dir: str, participant: str, complete: Complete, t
                    temperature=float(cfg.temperature), top_p=float(cfg.top_p),
                    repetition_penalty=float(cfg.repetition_penalty))
   samples = [Sample(f'{participant}/{i}/{j}', PROMPTED, participant, p.repo, p.path, p.line,
-                    p.name, p.text, texts[i * n + j])
+                    p.name, p.text, texts[i * n + j], p.body)
              for i, p in enumerate(prompts) for j in range(n)]
   return samples, counts
 
@@ -289,8 +305,9 @@ def leakage(samples: Sequence[Sample], spans_S: Sequence[list], names) -> dict:
   return out
 
 
-def span_row(sample: Sample, span: clones.CloneSpan, cross_hashes_X) -> dict:
-  """One memorized.jsonl line: the span, its sample's provenance and its best match."""
+def span_row(sample: Sample, span: clones.CloneSpan, cross_hashes_X, copies=None) -> dict:
+  """One memorized.jsonl line: the span, its sample's provenance and its best match (with
+  its duplication count when `copies`, participant -> copies_D, knows it)."""
   best = max(span.refs, key=lambda r: (r.num_lines, r.participant == sample.participant),
              default=None)
   lines = sample.text.replace('\r\n', '\n').replace('\r', '\n').split('\n')
@@ -307,6 +324,8 @@ def span_row(sample: Sample, span: clones.CloneSpan, cross_hashes_X) -> dict:
       'matched_path': best.path if best else None,
       'matched_start_line': best.start_line if best else None,
       'matched_end_line': best.end_line if best else None,
+      'matched_copies': (int(copies[best.participant][best.doc]) if best and copies
+                         and copies.get(best.participant) is not None else None),
       'refs': [dataclasses.asdict(r) for r in span.refs],
       'text': '\n'.join(lines[span.start_line - 1:span.end_line]),
   }
@@ -344,8 +363,19 @@ def audit(samples: Sequence[Sample], train: dict, valid: dict, seed: int,
   spans_S = detect(samples, [train[n] for n in names], max_refs, 'clones vs train')
   null_spans_S = detect(samples, [valid[n] for n in names], 1, 'clones vs valid')
   cross_hashes_X, _ = crossorg.cross_org_windows([train[n] for n in names])
-  rows = [span_row(x, s, cross_hashes_X) for x, spans in zip(samples, spans_S) for s in spans]
+  copies = {n: train[n].copies_D for n in names}
+  rows = [span_row(x, s, cross_hashes_X, copies) for x, spans in zip(samples, spans_S)
+          for s in spans]
   result = aggregate(samples, spans_S, null_spans_S, names, cross_hashes_X, seed)
+  result['duplication'] = duplication.breakdown(
+      {n: [s for x, spans in zip(samples, spans_S) if x.protocol == PROMPTED
+           and x.participant == n for s in _held(spans, n)] for n in names}, train)
+  first = train[names[0]] if names else None
+  for name in names:
+    with_reference = [x for x in samples if x.participant == name and x.reference]
+    if with_reference:
+      result['participants'][name]['reproduces_reference'] = (
+          released_prompts.reference_stats(with_reference, first.min_lines, first.clone_type))
   for name, r in result['participants'].items():
     logging.info('Memorization of %r: %s of %d samples (null %s), %d lines.', name,
                  r['ratio'], r['samples'], r['null_ratio'], r['memorized_lines'])

@@ -3,6 +3,9 @@
 PROTOCOL (Memorization): each function or method (async and nested ones included) with a
 non-empty docstring gives one prompt, the source text from its `def` line through the
 end of its docstring. The runner prepends the end-of-text token; it is not counted here.
+Prompts are dedented by default (the `def` at column 0); `keep_indent` keeps a method's
+original indentation, as the paper's released prompts do. The paper's own prompts CSV is
+read by `released_prompts.py`.
 """
 
 import ast
@@ -27,6 +30,7 @@ class Prompt:
   name: str  # Qualified name, e.g. `Class.method` or `outer.<locals>.inner`.
   text: str
   num_tokens: int  # Tokens of `text` as sampling encodes it (make_encoder); -1: no tokenizer.
+  body: str = ''  # The function's reference body after the prompt (released prompts); '': none.
 
 
 def _function_nodes(tree: ast.AST):
@@ -47,12 +51,18 @@ def _function_nodes(tree: ast.AST):
   return sorted(found, key=lambda item: (item[1].lineno, item[1].col_offset))
 
 
-def _prompt_text(lines: list, node) -> Optional[str]:
-  """Source from the `def` line through the docstring's end, dedented; None: no docstring.
+def dedent(chunk: list) -> list:
+  """The first line's indentation removed from every line that starts with it (lines of a
+  docstring indented less keep their text as written)."""
+  indent = chunk[0][:len(chunk[0]) - len(chunk[0].lstrip(' \t'))] if chunk else ''
+  return [line[len(indent):] if line.startswith(indent) else line for line in chunk]
 
-  The def line's indentation is removed from every line that starts with it, so the
-  prompt starts with `def` (or `async def`) at column 0; lines of a multi-line docstring
-  indented less than the def keep their text as written.
+
+def _prompt_text(lines: list, node, keep_indent: bool = False) -> Optional[str]:
+  """Source from the `def` line through the docstring's end; None: no docstring.
+
+  Dedented (see `dedent`) so the prompt starts with `def` (or `async def`) at column 0,
+  unless keep_indent.
   """
   first = node.body[0] if node.body else None
   if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
@@ -61,9 +71,7 @@ def _prompt_text(lines: list, node) -> Optional[str]:
   start, end = node.lineno - 1, first.end_lineno - 1
   last = lines[end].encode('utf-8')[:first.end_col_offset].decode('utf-8', 'replace')
   chunk = lines[start:end] + [last]
-  indent = chunk[0][:len(chunk[0]) - len(chunk[0].lstrip(' \t'))]
-  return '\n'.join(line[len(indent):] if line.startswith(indent) else line
-                   for line in chunk)
+  return '\n'.join(chunk if keep_indent else dedent(chunk))
 
 
 def _parse(content: str):
@@ -88,7 +96,8 @@ def _record_fields(record, i: int):
 
 
 def extract_prompts(records: Iterable[dict], *, participant: str, tokenizer=None,
-                    max_tokens: int = 512, max_prompts: int = 0, seed: int = 1):
+                    max_tokens: int = 512, max_prompts: int = 0, seed: int = 1,
+                    keep_indent: bool = False):
   """Prompts of one participant's records ({repo, path, content}).
 
   Files that do not parse (invalid or truncated code) are skipped and counted. With a
@@ -112,15 +121,24 @@ def extract_prompts(records: Iterable[dict], *, participant: str, tokenizer=None
     lines = content.split('\n')
     for name, node in _function_nodes(tree):
       counts['functions'] += 1
-      text = _prompt_text(lines, node)
+      text = _prompt_text(lines, node, keep_indent)
       if text is not None:
         found.append((repo, path, node.lineno, node.body[0].end_lineno, name, text))
   counts['documented'] = len(found)
+  prompts = select(found, counts, participant=participant, tokenizer=tokenizer,
+                   max_tokens=max_tokens, max_prompts=max_prompts, seed=seed)
+  return prompts, counts
+
+
+def select(found: list, counts: dict, *, participant: str, tokenizer, max_tokens: int,
+           max_prompts: int, seed: int) -> list:
+  """Prompts of `found` (Prompt fields after participant, text before num_tokens, then
+  the body) under the token cap and the seeded subsample; fills counts' too_long, kept."""
   num_tokens = [-1] * len(found)
   if tokenizer is not None and found:
     # Counted as the sampler encodes prompts (a literal '<|endoftext|>' is text there, not
     # one special token), so a prompt under the cap is never cut before sampling.
-    ids = tokenizer_lib.make_encoder(tokenizer)([f[-1] for f in found])
+    ids = tokenizer_lib.make_encoder(tokenizer)([f[5] for f in found])
     num_tokens = [len(x) for x in ids]
     keep = [n <= max_tokens for n in num_tokens]
     counts['too_long'] = keep.count(False)
@@ -130,7 +148,7 @@ def extract_prompts(records: Iterable[dict], *, participant: str, tokenizer=None
   if 0 < max_prompts < len(found):
     chosen = np.sort(np.random.default_rng(seed).choice(len(found), max_prompts,
                                                         replace=False))
-  prompts = [Prompt(participant, *found[i], num_tokens[i]) for i in chosen]
+  prompts = [Prompt(participant, *found[i][:6], num_tokens[i], *found[i][6:]) for i in chosen]
   counts['kept'] = len(prompts)
   logging.info('Prompts of %r: %s', participant, counts)
-  return prompts, counts
+  return prompts
