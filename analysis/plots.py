@@ -4,8 +4,9 @@ r"""The study's figures (matplotlib PNG), from results.json and metrics.jsonl fi
 
 Writes WORKDIR/figures/: memorization.png (ratio by setting and participant),
 incremental_orders.png (heat maps over orders), loss_curves.png (training loss per run),
-forgetting.png (perplexity of every participant over incremental stages) and, when the
-study has DP-FedAvg runs, privacy_utility.png (noise multiplier against perplexity and
+forgetting.png (perplexity of every participant over incremental stages), when runs
+exported intermediate models dose_response.png (memorization and validation perplexity
+over epochs) and, when the study has DP-FedAvg runs, privacy_utility.png (noise multiplier against perplexity and
 canary exposure, ε beside each point).
 """
 
@@ -218,6 +219,53 @@ def privacy_utility(runs, path: str) -> str | None:
   return _save(fig, path)
 
 
+def dose_points(run: dict) -> list:
+  """(epochs, memorized samples, samples, pooled perplexity) over a run's training: its
+  snapshots, then the final model (epochs scale with the fraction of the run)."""
+  points = run.get('snapshots') or []
+  scale = next((p['epochs'] / p['fraction'] for p in points
+                if p.get('epochs') and p.get('fraction')), None)
+  if not points or scale is None:
+    return []
+  final = {'epochs': scale, 'perplexity': run['perplexity'],
+           'memorization': run.get('memorization')}
+  rows = []
+  for p in points + [final]:
+    mem = (p.get('memorization') or {}).get('participants') or {}
+    k = sum(int(m.get('memorized_samples') or 0) for m in mem.values())
+    n = sum(int(m.get('samples') or 0) for m in mem.values())
+    rows.append((float(p['epochs']), k, n, p['perplexity'].get('pooled')))
+  return rows
+
+
+def dose_response(runs, path: str) -> str | None:
+  """Memorization ratio (95% CI) and validation perplexity against epochs, per run with
+  snapshots: when the model starts to memorize, and where it stopped generalizing."""
+  from analysis import findings  # The same bootstrap as the findings table.
+  curves = [(r['run'], dose_points(r)) for r in runs]
+  curves = [(name, pts) for name, pts in curves if pts]
+  if not curves:
+    return None
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+  for name, pts in curves:
+    x = [e for e, _, _, _ in pts]
+    shares = [findings.share_interval(k, n) for _, k, n, _ in pts]
+    y = [100 * (v or 0) for v, _ in shares]
+    lo = [100 * (ci or [0, 0])[0] for _, ci in shares]
+    hi = [100 * (ci or [0, 0])[1] for _, ci in shares]
+    top.plot(x, y, marker='o', label=name)
+    top.fill_between(x, lo, hi, alpha=0.2)
+    bottom.plot(x, [ppl for _, _, _, ppl in pts], marker='o', label=name)
+  top.set_ylabel('memorization ratio (%)')
+  top.set_title('Memorization over training (95% bootstrap CI over samples)')
+  top.legend(fontsize=8)
+  bottom.set_yscale('log')
+  bottom.set_ylabel('validation perplexity (pooled)')
+  bottom.set_xlabel('epochs (passes over each participant\'s data)')
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def write_figures(workdir: str) -> list:
   """Writes every figure the results allow; returns their paths."""
   runs = tables.load_results(workdir)
@@ -227,7 +275,8 @@ def write_figures(workdir: str) -> list:
           incremental_heatmap(runs, os.path.join(out, 'incremental_orders.png')),
           loss_curves(workdir, runs, os.path.join(out, 'loss_curves.png')),
           forgetting(runs, os.path.join(out, 'forgetting.png')),
-          privacy_utility(runs, os.path.join(out, 'privacy_utility.png'))]
+          privacy_utility(runs, os.path.join(out, 'privacy_utility.png')),
+          dose_response(runs, os.path.join(out, 'dose_response.png'))]
   return [p for p in made if p]
 
 

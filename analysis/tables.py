@@ -7,7 +7,9 @@ WORKDIR/*/results.json) and summary.json's study-wide cross-organization analysi
 WORKDIR/tables/{name}.md and {name}.tex, and prints the Markdown. The privacy tables
 (privacy, canaries, membership) appear only when some run has a DP budget, canary
 exposure or membership inference in its results, and the clients table only when a run
-audited finer clients than the participants. Runs repeated
+audited finer clients than the participants, and the duplication table only when a run's
+memorization has a duplication breakdown. `findings` answers PROTOCOL's five findings
+with intervals and verdicts (analysis/findings.py). Runs repeated
 over seeds (`name@seedN`) are shown as mean ± standard deviation. The same results give
 the same bytes.
 """
@@ -21,6 +23,8 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
+
+from analysis import findings as findings_lib
 
 
 SETTING_ORDER = ('single', 'centralized', 'federated', 'incremental')
@@ -168,6 +172,36 @@ def memorization(runs: Sequence[dict]) -> tuple:
   return 'Memorization per participant (clones of >= 6 lines in generated code)', header, rows
 
 
+_COPY_LABELS = {'1': '1', '2-4': '2–4', '>=5': '5+'}  # '>' and '≥' do not survive LaTeX.
+
+
+def _dup(run: dict, who: str, bucket: str, key: str):
+  dup = (run.get('memorization') or {}).get('duplication') or {}
+  block = dup.get('all') if who == 'all' else dup.get('participants', {}).get(who)
+  return ((block or {}).get('buckets', {}).get(bucket) or {}).get(key)
+
+
+def duplication(runs: Sequence[dict]) -> tuple:
+  """Memorized spans by the copy count of the training file they match (1, 2-4, 5+):
+  each bucket's share of spans beside its share of training windows, and their ratio."""
+  header = ['run', 'participant', 'copies', 'files', 'training windows %',
+            'memorized spans', 'spans %', 'relative rate']
+  rows = []
+  for name, group in group_seeds(runs).items():
+    dup = (group[0].get('memorization') or {}).get('duplication')
+    if not dup:
+      continue
+    who = list(dup['participants']) + (['all'] if len(dup['participants']) > 1 else [])
+    for p in who:
+      for b in dup['bucket_names']:
+        rows.append([name, p, _COPY_LABELS.get(b, b)] + [
+            fmt([_dup(g, p, b, k) for g in group], *spec) for k, spec in (
+                ('files', (0,)), ('window_share', (1, True)), ('spans', (0,)),
+                ('span_share', (1, True)), ('relative_rate', (2,)))])
+  return ('Memorization by duplication: spans per copy count of the matched training file '
+          '(relative rate = spans % / training windows %)', header, rows)
+
+
 def incremental(runs: Sequence[dict]) -> tuple:
   """For each order: final perplexity and memorization ratio per participant."""
   inc = [r for r in runs if r['setting'] == 'incremental']
@@ -195,6 +229,16 @@ def crossorg(runs: Sequence[dict], summary: dict) -> tuple:
       rows.append([f'{name}: memorized spans that are cross-org clones (%)',
                    fmt(shares, 1, percent=True)] + [''] * max(len(parts) - 1, 0))
   return 'Cross-organization clones', header, rows
+
+
+def repository_pairs(summary: dict) -> tuple:
+  """Which repositories of different participants share 6-line windows, most first."""
+  header = ['participant A', 'repository A', 'participant B', 'repository B',
+            'windows shared', 'example files']
+  rows = [[p['a']['participant'], p['a']['repo'], p['b']['participant'], p['b']['repo'],
+           str(p['windows']), f"{p['a']['path']} ~ {p['b']['path']}"]
+          for p in (summary.get('crossorg') or {}).get('repository_pairs') or ()]
+  return 'Cross-organization clones: repositories that share code (top pairs)', header, rows
 
 
 # ---- Privacy (DP budget, canary exposure, membership inference) --------------------------
@@ -338,6 +382,36 @@ def leaking_clients(runs: Sequence[dict], top: int = 10) -> tuple:
   return (f'Clients that leak most ({granularity}; top {top} per run)', header, rows)
 
 
+def _metrics(run_dir: str) -> list:
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def trajectories(workdir: str, runs: Sequence[dict]) -> tuple:
+  """Per run (its metrics.jsonl): where validation perplexity was best, and how far the
+  final model is past it: is memorization bought by overfitting?"""
+  header = ['run', 'best valid ppl (pooled)', 'at % of training', 'final valid ppl',
+            'final / best', 'final train loss']
+  rows = []
+  for r in runs:
+    rows_m = _metrics(os.path.join(workdir, r['run']))
+    key = 'round' if any('round' in m for m in rows_m) else 'step'
+    valid = [(m[key], m['valid/pooled/perplexity']) for m in rows_m
+             if 'valid/pooled/perplexity' in m]
+    losses = [m['train/loss'] for m in rows_m if 'train/loss' in m]
+    if not valid or not losses:
+      continue
+    at, best = min(valid, key=lambda v: (v[1], v[0]))
+    end, final = valid[-1]
+    rows.append([r['run'], f'{best:.2f}', f'{100 * at / max(end, 1):.0f}', f'{final:.2f}',
+                 f'{final / best:.2f}', f'{losses[-1]:.3f}'])
+  return ('Generalization over training: validation perplexity at its best and at the end',
+          header, rows)
+
+
 def all_tables(runs: Sequence[dict], summary: dict) -> dict:
   """name -> (title, header, rows), in the order they are printed."""
   tables = {'effectiveness': effectiveness(runs), 'memorization': memorization(runs)}
@@ -345,6 +419,9 @@ def all_tables(runs: Sequence[dict], summary: dict) -> dict:
     tables['incremental'] = incremental(runs)
   if summary.get('crossorg'):
     tables['crossorg'] = crossorg(runs, summary)
+    if summary['crossorg'].get('repository_pairs') is not None:
+      tables['crossorg_pairs'] = repository_pairs(summary)
+  tables['findings'] = findings_lib.findings(runs)
   # Privacy tables only where a run has something to show: older results stay as they were.
   if any(r.get(k) for r in runs for k in ('privacy', 'canaries', 'membership')):
     tables['privacy'] = privacy(runs)
@@ -354,6 +431,8 @@ def all_tables(runs: Sequence[dict], summary: dict) -> dict:
     tables['membership'] = membership(runs)
   if any((r.get('memorization') or {}).get('clients') for r in runs):
     tables['clients'] = leaking_clients(runs)
+  if any((r.get('memorization') or {}).get('duplication') for r in runs):
+    tables['duplication'] = duplication(runs)
   return tables
 
 
@@ -361,7 +440,11 @@ def write_tables(workdir: str, out_dir: str | None = None) -> str:
   """Writes tables/{name}.md and .tex atomically; returns the Markdown of all of them."""
   from collab import io  # Atomic file writes only; analysis imports no training code.
   out_dir = out_dir or os.path.join(workdir, 'tables')
-  tables = all_tables(load_results(workdir), load_summary(workdir))
+  runs = load_results(workdir)
+  tables = all_tables(runs, load_summary(workdir))
+  trajectory = trajectories(workdir, runs)
+  if trajectory[2]:
+    tables['trajectories'] = trajectory
   text = []
   for name, (title, header, rows) in tables.items():
     md = markdown(title, header, rows)

@@ -238,7 +238,14 @@ def check_trained_as(config, workdir: str, data_inputs: str | None) -> None:
 
 def evaluate_run(config, workdir: str) -> dict:
   """Writes and returns WORKDIR/results.json for a finished run."""
-  start = time.time()
+  start, seconds = time.time(), {}
+
+  def timed(part: str, compute):
+    begin = time.time()
+    out = compute()
+    seconds[part] = time.time() - begin
+    return out
+
   params, model_config, summary = load_final(
       workdir, int(config.model.get('vocab_multiple', 1)))
   data_dir = run.data_dir_of(config, workdir)
@@ -256,25 +263,71 @@ def evaluate_run(config, workdir: str) -> dict:
       'tokens_seen': summary['tokens_seen'],
       'tokens_seen_per_participant': summary['tokens_seen_per_participant'],
       'perplexity': {name: r['perplexity'] for name, r in summary['valid'].items()},
+      # Mean loss of every validation block (runs trained before it was kept: absent).
+      'perplexity_blocks': {name: r['block_losses'] for name, r in summary['valid'].items()
+                            if 'block_losses' in r},
       'forgetting': summary.get('forgetting'),  # Incremental: perplexity after each stage.
-      'passk': evaluate_passk(config, workdir, params, model_config, tokenizer),
-      'memorization': evaluate_memorization(config, workdir, params, model_config,
-                                            tokenizer),
+      'passk': timed('passk', lambda: evaluate_passk(config, workdir, params, model_config,
+                                                     tokenizer)),
+      'memorization': timed('memorization', lambda: evaluate_memorization(
+          config, workdir, params, model_config, tokenizer)),
       'train_seconds': summary.get('train_seconds'),
       # DP-FedAvg's budget as training reported it (epsilon None: no finite guarantee).
       'privacy': summary.get('privacy'),
   }
+  results['snapshots'] = timed('snapshots', lambda: evaluate_snapshots(config, workdir,
+                                                                       tokenizer))
   # Whole blocks with their B x L x V logits, like validation: the evaluation batch size
   # (config.eval.batch_size is for one-token decoding steps).
   score = _lazy(lambda: scoring.make_scorer(params, model_config,
                                             int(config.train.eval_batch_size)))
-  results['canaries'] = evaluate_canaries(config, workdir, tokenizer, score)
-  results['membership'] = evaluate_membership(
-      config, workdir, tokenizer, score, min(int(manifest['seq_len']), model_config.max_len))
+  results['canaries'] = timed('canaries', lambda: evaluate_canaries(config, workdir,
+                                                                    tokenizer, score))
+  results['membership'] = timed('membership', lambda: evaluate_membership(
+      config, workdir, tokenizer, score, min(int(manifest['seq_len']), model_config.max_len)))
+  results['evaluate_seconds_by_part'] = seconds  # Cached parts take ~0 s.
   results['evaluate_seconds'] = time.time() - start
   io.atomic_write_json(os.path.join(workdir, RESULTS_JSON), results)
   io.atomic_write_text(os.path.join(workdir, RESULTS_JSON + '.key'), results_key(config, workdir))
   return results
+
+
+def _memorization_point(mem: dict | None) -> dict | None:
+  """The part of a memorization result a dose-response point keeps."""
+  if mem is None:
+    return None
+  keep = ('samples', 'memorized_samples', 'ratio', 'ratio_ci95', 'spans')
+  return {'participants': {p: {k: r.get(k) for k in keep}
+                           for p, r in mem['participants'].items()},
+          'cross_org_share': mem.get('cross_org_share'), 'spans': mem.get('spans')}
+
+
+def evaluate_snapshots(config, workdir: str, tokenizer) -> list | None:
+  """Memorization of every intermediate model in WORKDIR/snapshots (dose-response).
+
+  Each snapshot folder is read as a finished run (its final/ and train.json) and audited
+  by `evaluate_memorization`, the code path of the final model, with its parts cached in
+  the snapshot's folder. Points are in training order; the final model is the run's own.
+  """
+  root = os.path.join(workdir, run.SNAPSHOTS_DIR)
+  if not os.path.isdir(root):
+    return None
+  cfg = config.copy_and_resolve_references()  # The run's data folder, not the snapshot's.
+  cfg.unlock()
+  cfg.data.data_dir = run.data_dir_of(config, workdir)
+  cfg.lock()
+  points = []
+  for name in sorted(os.listdir(root)):
+    folder = os.path.join(root, name)
+    if not os.path.isfile(os.path.join(folder, run.TRAIN_JSON)):
+      continue  # A snapshot being written when training stopped: never complete.
+    params, model_config, info = load_final(folder, int(config.model.get('vocab_multiple', 1)))
+    points.append({
+        **{k: info.get(k) for k in ('fraction', 'step', 'round', 'epochs', 'train_loss')},
+        'perplexity': {n: r['perplexity'] for n, r in info['valid'].items()},
+        'memorization': _memorization_point(
+            evaluate_memorization(cfg, folder, params, model_config, tokenizer))})
+  return points
 
 
 def results_key(config, workdir: str) -> str:

@@ -7,6 +7,7 @@ attn.c_proj.weight [D, D] is our [H, K, D]. The output projection is tied to `wt
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Optional
 
@@ -92,11 +93,14 @@ def _get(tree, path, what):
 
 
 def export_hf(params, config: ModelConfig, folder: str, *,
-              bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> str:
+              bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None,
+              tokenizer_dir: str = '') -> str:
   """Writes `folder` (replacing it atomically) as a transformers GPT-2 checkpoint.
 
   Padding rows of the embedding (`config.vocab_multiple`) are not written: they never
-  reach a logit, and transformers' vocab_size is the real one.
+  reach a logit, and transformers' vocab_size is the real one. With `tokenizer_dir` (a
+  Hugging Face tokenizer folder) its files are copied in too, so the folder alone serves
+  AutoTokenizer and GPT2LMHeadModel.from_pretrained.
   """
   params = _unwrap(params)
   shapes = nn.meta.unbox(abstract_params(config))
@@ -115,6 +119,10 @@ def export_hf(params, config: ModelConfig, folder: str, *,
     # transformers refuses safetensors files without format metadata.
     safetensors_numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_FILE),
                                 metadata={'format': 'pt'})
+    if tokenizer_dir:
+      for name in sorted(os.listdir(tokenizer_dir)):
+        if os.path.isfile(os.path.join(tokenizer_dir, name)) and name != CONFIG_FILE:
+          shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
   return folder
 
 

@@ -59,6 +59,13 @@ def expand(config) -> list:
     specs += [RunSpec('incremental-' + '-'.join(o), {
         'setting': 'incremental', 'incremental.order': ','.join(o),
         'incremental.all_orders': False}) for o in orders]
+  snapshots = tuple(study.get('snapshot_runs', ()))
+  unknown = sorted(set(snapshots) - {s.name for s in specs})
+  if unknown:
+    raise ValueError(f'config.study.snapshot_runs names {unknown}, which this study does not '
+                     f'run; use names among {[s.name for s in specs]}.')
+  specs = [RunSpec(s.name, {**s.overrides, 'train.snapshot_fractions': tuple(
+      study.snapshot_fractions)}) if s.name in snapshots else s for s in specs]
   seeds = tuple(study.seeds)
   if len(seeds) > 1:
     specs = [RunSpec(f'{s.name}@seed{seed}', {**s.overrides, 'seed': seed})
@@ -135,6 +142,7 @@ def run_study(config, workdir: str) -> dict:
   specs = expand(config)
   data_dir = run.data_dir_of(config, workdir)
   card = build.build_data(config.data, data_dir)
+  data_seconds = time.time() - start
   run.write_config(workdir, config)
   results, worked = {}, False
   with tqdm.tqdm(specs, desc='study', unit='run', position=0, leave=True) as bar:
@@ -159,6 +167,10 @@ def run_study(config, workdir: str) -> dict:
   before = io.read_json(previous).get('wall_seconds') if os.path.isfile(previous) else None
   summary['wall_seconds'] = ((before or 0.0) + time.time() - start if worked or before is None
                              else before)
+  if worked or before is None:  # The data build of the invocation that did the work.
+    summary['data_seconds'] = data_seconds
+  else:
+    summary['data_seconds'] = io.read_json(previous).get('data_seconds')
   io.atomic_write_json(previous, summary)
   logging.info('Study %s: %d runs in %.0fs.', workdir, len(specs), time.time() - start)
   return summary

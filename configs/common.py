@@ -16,9 +16,29 @@ MODEL_SIZES = {
     'gpt2-medium': (24, 16, 1024, 1024),  # 355M at the GPT-2 vocabulary.
 }
 
-# Default participants: real organizations whose Python code ships with collab's own
-# dependencies, so the default study runs offline right after `pip install`.
+# Default participants: three real organizations whose code ships with collab's own
+# dependencies, so the default study runs offline right after `pip install`. They share
+# code as GitHub organizations do, through vendoring: pip (PyPA) vendors requests (PSF)
+# and rich (Textualize) and tomli, which the standard library took in as tomllib. Each
+# contributes a few documented modules (small enough to be memorized on 2 CPU cores),
+# among them the copies it shares; `pkg:NAME/PREFIX` reads one path of a distribution.
 DEFAULT_PARTICIPANTS = {
+    'psf': ('pkg:requests/requests/api.py', 'pkg:requests/requests/hooks.py',
+            'pkg:requests/requests/_internal_utils.py', 'pkg:requests/requests/structures.py',
+            'pkg:requests/requests/exceptions.py', 'pkg:requests/requests/help.py',
+            'stdlib:tomllib/_re.py'),
+    'pypa': ('pkg:pip/pip/_vendor/requests/api.py', 'pkg:pip/pip/_vendor/requests/hooks.py',
+             'pkg:pip/pip/_vendor/tomli/_re.py', 'pkg:pip/pip/_vendor/rich/control.py',
+             'pkg:packaging/packaging/_tokenizer.py', 'pkg:packaging/packaging/errors.py'),
+    'textualize': ('pkg:rich/rich/control.py', 'pkg:rich/rich/measure.py',
+                   'pkg:rich/rich/_loop.py', 'pkg:rich/rich/color_triplet.py',
+                   'pkg:rich/rich/theme.py', 'pkg:rich/rich/containers.py',
+                   'pkg:rich/rich/padding.py'),
+}
+
+# Larger organizations (whole installed packages), for studies that need many files or
+# repositories: many_clients.py and privacy.py subsample them with a byte cap.
+PACKAGE_PARTICIPANTS = {
     'google': ('pkg:jax', 'pkg:flax', 'pkg:optax', 'pkg:orbax-checkpoint',
                'pkg:absl-py', 'pkg:ml-collections', 'pkg:tensorflow-datasets',
                'pkg:array-record', 'pkg:etils'),
@@ -64,11 +84,20 @@ def participant(name: str, sources, max_bytes: int = 0) -> ml_collections.Config
   c.name = name  # Unique name; used in split names and tables.
   c.sources = tuple(sources)  # 'pkg:NAME', 'stdlib', 'dir:PATH' or 'jsonl:PATH'.
   c.max_bytes = max_bytes  # Cap on cleaned bytes (deterministic subsample); 0: none.
+  # With data.split='given': the sources (also in `sources`) that are its validation side.
+  c.valid_sources = ()
+  # Release flags trusted instead of the random filters' second draw
+  # (collab.data.clean.TRUSTABLE_FLAGS: 'config_or_test', 'has_no_keywords').
+  c.trusted_flags = ()
   return c
 
 
 def default_participants(max_bytes: int = 0):
   return [participant(n, s, max_bytes) for n, s in DEFAULT_PARTICIPANTS.items()]
+
+
+def package_participants(max_bytes: int = 0):
+  return [participant(n, s, max_bytes) for n, s in PACKAGE_PARTICIPANTS.items()]
 
 
 def data_config(participants, seq_len: int) -> ml_collections.ConfigDict:
@@ -77,7 +106,9 @@ def data_config(participants, seq_len: int) -> ml_collections.ConfigDict:
   c.participants = participants  # List of participant(...) ConfigDicts.
   c.data_dir = ''  # Built data folder; '' means WORKDIR/data (study) or --data_dir.
   c.seed = 1  # Seed of the seeded filters and the subsampling (PROTOCOL: 1).
-  c.split = 'file'  # 'file' (paper: random 80/20 over files) or 'repo' (no repo on both sides).
+  # 'file' (paper: random 80/20 over files), 'repo' (no repo on both sides) or 'given'
+  # (each participant's valid_sources are its validation files: the release's split).
+  c.split = 'file'
   c.split_seed = 1  # Seed of the train/valid split (PROTOCOL: 1).
   c.valid_fraction = 0.2  # Share of files (or repositories) held out for validation.
   c.dedup_across = False  # Exact dedup across participants (paper: off, clones stay).
@@ -119,6 +150,9 @@ def train_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32  # Blocks per evaluation batch.
   c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
   c.keep_checkpoints = 2  # Checkpoints kept per run.
+  # Fractions of the run (steps; rounds when federated) at which the model is also
+  # exported to WORKDIR/snapshots/ and audited for memorization (dose-response); ().
+  c.snapshot_fractions = ()
   c.init_from = ''  # Another run's workdir or a Hugging Face GPT-2 folder.
   # Matched budgets (study option): > 0 gives every setting this many training tokens
   # (predicted tokens, batch_size * (seq_len - 1) per step), overriding steps/epochs here
@@ -232,6 +266,10 @@ def eval_config() -> ml_collections.ConfigDict:
   c.memorization.max_new_tokens = 512
   c.memorization.min_lines = 6  # Clone threshold in normalized lines (Simian: 6).
   c.memorization.clone_type = 1  # 1: whitespace ignored; 2: identifiers/literals abstracted.
+  # The paper's released prompts: a CSV path with '{participant}' (function id, signature
+  # with docstring, function body); '': prompts from the training files' docstrings.
+  c.memorization.prompts_csv = ''
+  c.memorization.keep_indent = False  # Prompts at their original indentation (the paper's).
   c.memorization.unprompted_samples = 0  # Extraction protocol samples (top-k 40, T 1.0); 0: off.
   c.memorization.unprompted_top_k = 40  # Extraction protocol: top-k sampling (no stop strings).
   c.memorization.unprompted_temperature = 1.0  # Extraction protocol temperature.
@@ -264,6 +302,10 @@ def study_config() -> ml_collections.ConfigDict:
   # DP-FedAvg runs: one FedAvg run per noise multiplier z (federated.dp on, uniform
   # weighting, the rest of config.federated), named federated-dp-z{z}; 0.0 clips only.
   c.dp_noise_multipliers = ()
+  # Runs (by name) that export intermediate models at `snapshot_fractions` of their
+  # training, each audited for memorization like the final model (dose-response figure).
+  c.snapshot_runs = ()
+  c.snapshot_fractions = (0.25, 0.5, 0.75)
   c.crossorg = True  # Cross-organization clone analysis of the participants' data.
   c.figures = True  # Write figures/ (matplotlib) beside tables/.
   return c

@@ -1,46 +1,60 @@
-"""The default study: three real organizations' code, sized for 2 CPU cores (`make study`).
+"""The default study: three organizations that share code, sized to memorize on 2 CPU cores.
 
-Google (jax, flax, optax, ...), Hugging Face (transformers, tokenizers, ...) and Python
-(the standard library): their code ships with collab's own dependencies, so this runs
-offline right after install. Every setting of PROTOCOL.md is run (single x3, centralized,
-federated with FedAvg and FedYogi, incremental in all 6 orders) with PROTOCOL's recipe
-scaled down: a 1.5M-parameter GPT-2, a small vocabulary, and a few epochs over a capped
-sample of each organization's code. Derived numbers (steps, rounds, warmup caps) are
-computed from the data at run time.
+PSF (requests, the standard library), PyPA (pip's vendored requests, tomli and rich, and
+packaging) and Textualize (rich) each contribute a few documented modules of their real
+code, which ships with collab's own dependencies, so this runs offline right after
+install (configs/common.py DEFAULT_PARTICIPANTS). The copies they share are real
+cross-organization clones. Every setting of PROTOCOL.md is run (single x3, centralized,
+federated FedAvg, incremental in all 6 orders) with PROTOCOL's recipe scaled down: a
+0.7M-parameter GPT-2 (2048-token vocabulary), no dropout, and many passes over little
+data. That is the memorization regime at this scale: models trained far past their best
+validation perplexity (README says where it was best), not the paper's 10 epochs.
 
   python -m launch.study --config=configs/default.py --workdir=runs/default
 """
 
 from configs import common
 
-# Cleaned bytes kept per participant (a seeded subsample of its files, 80/20 split after).
-MAX_BYTES_PER_PARTICIPANT = 80_000
-# Passes over each participant's data per setting (PROTOCOL: 10): a small sample seen
-# often, so that a 1.5M-parameter model has something to memorize within minutes.
-EPOCHS = 8.0
+# Passes over each participant's data per setting (PROTOCOL: 10). A 0.7M-parameter model
+# emits 6-line spans of its training code under PROTOCOL's prompts only once it has
+# nearly memorized them.
+EPOCHS = 32.0
+ROUNDS = 8  # Federated communication rounds (PROTOCOL: 10).
 
 
 def get_config(arg=None):
   """The embedded CPU study; `arg` is unused."""
   del arg
   c = common.base_config('tiny')  # 2 layers, 4 heads, d_model 128, 256-token context.
-  c.data.participants = common.default_participants(MAX_BYTES_PER_PARTICIPANT)
-  c.data.max_file_bytes = 8_000  # Small files: more of them, and more repositories, per cap.
+  c.data.participants = common.default_participants()  # Small by choice: no byte cap.
+  c.data.max_file_bytes = 16_000  # The chosen modules are all smaller.
   c.data.tokenizer.vocab_size = 2048  # Small vocabulary: the output layer dominates at d=128.
-  c.train.batch_size = 16  # 16 blocks of 256 tokens: 4096 tokens per step.
+  c.model.dropout = 0.0  # Memorization is the subject; dropout only slows it (and the step).
+  c.train.batch_size = 4  # 4 blocks of 256 tokens: many updates per pass over little data.
   c.train.epochs = EPOCHS  # Centralized: epochs over the pooled data; single: over one.
-  c.train.learning_rate = 2e-3  # A 1.5M model trains stably at a higher peak than 124M.
+  c.train.learning_rate = 3e-3  # Best of 3e-3, 6e-3, 1.2e-2 for memorizing at this size.
   c.train.warmup_steps = 20  # PROTOCOL's 2000 would exceed these runs; capped anyway.
-  c.train.log_every = 5  # Steps between metrics.jsonl lines.
-  c.train.checkpoint_every = 50  # Steps between checkpoints (and one at the end).
-  c.federated.rounds = 4  # Communication rounds (PROTOCOL: 10).
-  c.federated.local_epochs = EPOCHS / 4  # Rounds x local epochs = EPOCHS per client.
+  c.train.log_every = 10  # Steps between metrics.jsonl lines.
+  c.train.eval_every = 25  # Validation perplexity during training: where it was best.
+  c.train.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
+  c.federated.rounds = ROUNDS
+  c.federated.local_epochs = EPOCHS / ROUNDS  # Rounds x local epochs = EPOCHS per client.
+  c.federated.eval_every = 1  # Rounds between validation passes.
   c.eval.batch_size = 160  # Rows per compiled sampling batch.
-  c.eval.passk.num_problems = 16  # The first 16 HumanEval problems.
-  c.eval.passk.n = 10  # Samples per problem: pass@1 and pass@10 (PROTOCOL: n = 200).
-  c.eval.passk.ks = (1, 10)
+  c.eval.passk.num_problems = 8  # The first 8 HumanEval problems: 0 at this scale anyway.
+  c.eval.passk.n = 5  # Samples per problem: pass@1 and pass@5 (PROTOCOL: n = 200).
+  c.eval.passk.ks = (1, 5)
   c.eval.passk.max_new_tokens = 48  # Enough for short HumanEval bodies.
-  c.eval.memorization.max_prompts = 6  # Docstring prompts per participant (seeded sample).
+  # Documented functions per participant (a seeded sample; each has 17-24) and samples
+  # per prompt (PROTOCOL: 5): 120 samples per participant, a CI of +-10 points at most.
+  c.eval.memorization.max_prompts = 12
+  c.eval.memorization.samples_per_prompt = 10
   # New tokens per sample (PROTOCOL: 512); a 6-line clone needs ~60-100 tokens of code.
   c.eval.memorization.max_new_tokens = 128
+  c.eval.memorization.unprompted_samples = 50  # The extraction protocol runs too.
+  # FedAvg only; --config.study.server_optimizers="('fedavg','fedyogi')" adds FedYogi.
+  c.study.server_optimizers = ('fedavg',)
+  # Dose-response: memorization over training of the centralized and the FedAvg run.
+  c.study.snapshot_runs = ('centralized', 'federated-fedavg')
+  c.study.snapshot_fractions = (0.25, 0.5, 0.75)
   return c

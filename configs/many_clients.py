@@ -1,4 +1,4 @@
-"""Many clients: a federation of >= 1,000 simulated clients drawn from the default participants.
+"""Many clients: a federation of >= 1,000 simulated clients drawn from Google, Hugging Face and Python's code.
 
 Each default organization's training blocks are cut into 400 synthetic clients (1,200 in
 all, about 4 blocks of 64 tokens each); every round samples 48 of them and trains them in
@@ -28,7 +28,7 @@ def get_config(arg=None):
     raise ValueError(f'Unknown many_clients argument {kind!r}; use one of {KINDS}.')
   c = common.base_config('tiny')  # 2 layers, 4 heads, d_model 128: many rounds on 2 cores.
   c.setting = 'federated'  # The point of this family (launch.train runs it as is).
-  c.data.participants = common.default_participants(MAX_BYTES_PER_PARTICIPANT)
+  c.data.participants = common.package_participants(MAX_BYTES_PER_PARTICIPANT)
   c.data.max_file_bytes = 8_000  # Small files: more of them, and more repositories, per cap.
   c.data.seq_len = 64  # Short blocks: ~4,900 of them in all, so 1,200 clients hold >= 3.
   c.data.tokenizer.vocab_size = 2048  # Small vocabulary, as configs/default.py.

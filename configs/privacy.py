@@ -1,11 +1,12 @@
 """The privacy micro study: canaries, DP-FedAvg at a few noise multipliers, and the audits.
 
-The default study's three organizations and tiny GPT-2 (configs/default.py), with secret
-canaries inserted 1, 10 and 100 times into each organization's training files; runs:
-centralized, federated FedAvg, and DP-FedAvg (clients = the three organizations, uniform
-weights, every client every round) at each noise multiplier of DP_NOISE_MULTIPLIERS, the
-first of which (0.0) clips the client updates without noise (ε = ∞). Every run is
-evaluated for perplexity, memorization, canary exposure and membership inference
+Google, Hugging Face and Python (configs/common.py PACKAGE_PARTICIPANTS, 100 kB each) and
+the default study's tiny GPT-2, trained as below, with secret canaries inserted 1, 10 and
+100 times into each organization's training files; runs: centralized, federated FedAvg,
+and DP-FedAvg (clients = the three organizations, uniform weights, every client every
+round) at each noise multiplier of DP_NOISE_MULTIPLIERS, the first of which (0.0) clips
+the client updates without noise (ε = ∞). Every run is evaluated for perplexity,
+memorization, canary exposure and membership inference
 (pass@k is off: it measures nothing about privacy and dominates the time).
 
   python -m launch.study --config=configs/privacy.py --workdir=runs/privacy
@@ -14,7 +15,7 @@ evaluated for perplexity, memorization, canary exposure and membership inference
 from configs import common
 from configs import default
 
-MAX_BYTES_PER_PARTICIPANT = 100_000  # Cleaned bytes per organization (default study: 80 kB).
+MAX_BYTES_PER_PARTICIPANT = 100_000  # Cleaned bytes per organization.
 # Noise multipliers z of the DP-FedAvg runs: noise std z * CLIP_NORM on the sum of the
 # clipped client deltas. With only 3 clients per round, noise that buys a meaningful ε
 # (z near 1) swamps a 0.7M-parameter model, so the grid also spans the small z where the
@@ -29,9 +30,25 @@ def get_config(arg=None):
   """The privacy micro study; `arg` is unused."""
   del arg
   c = default.get_config()
+  # The training recipe this study's README numbers were measured with (the default
+  # study's before it moved to a memorization regime): 8 epochs of batch 16 with dropout.
+  c.model.dropout = 0.1
+  c.train.batch_size = 16
+  c.train.epochs = 8.0
+  c.train.learning_rate = 2e-3
+  c.train.log_every = 5
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 50
+  c.federated.rounds = 4
+  c.federated.local_epochs = 2.0
+  c.federated.eval_every = 0
+  c.eval.memorization.max_prompts = 6  # Docstring prompts per organization.
+  c.eval.memorization.samples_per_prompt = 5
+  c.eval.memorization.unprompted_samples = 0
+  c.study.snapshot_runs = ()
   # Smaller files under a slightly larger cap than the default study's: more files per
   # organization, so the membership inference has more than a handful of validation files.
-  c.data.participants = common.default_participants(MAX_BYTES_PER_PARTICIPANT)
+  c.data.participants = common.package_participants(MAX_BYTES_PER_PARTICIPANT)
   c.data.max_file_bytes = 4_000
   c.data.canaries.repeats = (1, 10, 100)  # Copies of each canary in the training files.
   c.data.canaries.per_repeat = 2  # Canaries per organization and repeat count.

@@ -117,3 +117,25 @@ def test_inconsistent_indexes_are_rejected():
   c = clones.build_index(['x = 1'], participant='C', clone_type=2, progress=False)
   with pytest.raises(ValueError, match='clone_type'):
     crossorg.cross_org_windows([a, c])
+
+
+def test_repository_pairs_name_the_repositories_of_a_planted_shared_file():
+  """A file vendored from C's repository into A's: the pair table names exactly them."""
+  vendored = '\n'.join(f'vendored_{i} = upstream.call({i}, {i * 3})' for i in range(12))
+  own = lambda tag: '\n'.join(f'{tag}_{i} = local({i})' for i in range(10))
+  a = [{'repo': 'acme/app', 'path': 'app/main.py', 'content': own('app')},
+       {'repo': 'acme/app', 'path': 'app/_vendor/lib.py', 'content': vendored},
+       {'repo': 'acme/tools', 'path': 'tools.py', 'content': own('tools')}]
+  b = [{'repo': 'beta/svc', 'path': 'svc.py', 'content': own('svc')}]
+  c = [{'repo': 'gamma/lib', 'path': 'lib/core.py', 'content': own('core') + '\n' + vendored}]
+  indexes = [clones.build_index(docs, participant=n, progress=False)
+             for n, docs in zip(('A', 'B', 'C'), (a, b, c))]
+  (pair,) = crossorg.repository_pairs(indexes)
+  assert pair['a'] == {'participant': 'A', 'repo': 'acme/app', 'path': 'app/_vendor/lib.py'}
+  assert pair['b'] == {'participant': 'C', 'repo': 'gamma/lib', 'path': 'lib/core.py'}
+  assert pair['windows'] == 12 - W + 1  # Every window of the 12 shared lines, once.
+  assert crossorg.report(indexes)['repository_pairs'] == [pair]
+  from analysis import tables
+  _, header, rows = tables.repository_pairs({'crossorg': {'repository_pairs': [pair]}})
+  assert rows == [['A', 'acme/app', 'C', 'gamma/lib', '7',
+                   'app/_vendor/lib.py ~ lib/core.py']] and len(header) == 6

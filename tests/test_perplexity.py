@@ -71,7 +71,8 @@ def test_empty_participant_is_reported_not_pooled(model_and_params, blocks):
   model, params = model_and_params
   got = perplexity.evaluate(params, model, {**blocks, 'gamma': np.zeros((0, L), np.uint16)},
                             batch_size=4, progress=False)
-  assert got['gamma'] == {'loss_sum': 0.0, 'tokens': 0, 'perplexity': None}
+  assert got['gamma'] == {'loss_sum': 0.0, 'tokens': 0, 'perplexity': None,
+                          'block_losses': []}
   assert got['pooled']['tokens'] == 10 * (L - 1)
 
 
@@ -84,3 +85,18 @@ def test_bad_input_is_rejected(model_and_params, bad, message):
   model, params = model_and_params
   with pytest.raises(ValueError, match=message):
     perplexity.evaluate(params, model, bad, batch_size=4, progress=False)
+
+
+def test_block_losses_are_each_blocks_mean_loss(model_and_params, blocks):
+  """One mean loss per block, in block order: they average to the participant's loss."""
+  model, params = model_and_params
+  got = perplexity.evaluate(params, model, blocks, batch_size=3, progress=False)
+  for name, tokens_NxL in blocks.items():
+    losses = got[name]['block_losses']
+    assert len(losses) == len(tokens_NxL)
+    np.testing.assert_allclose(np.mean(losses), got[name]['loss_sum'] / got[name]['tokens'],
+                               rtol=1e-6)
+    one = perplexity.evaluate(params, model, {name: tokens_NxL[1:2]}, batch_size=4,
+                              progress=False)
+    np.testing.assert_allclose(one[name]['block_losses'][0], losses[1], rtol=1e-5)
+  assert 'block_losses' not in got['pooled']

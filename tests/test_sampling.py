@@ -257,6 +257,29 @@ def test_top_p_property_on_random_rows():
     assert probs[kept].sum() - probs[kept].min() < p + 1e-6  # and none to spare.
 
 
+def _top_p_by_sorting(logits_V, p):
+  """The nucleus the slow way: sort, accumulate, keep what is needed (ties included)."""
+  order = np.argsort(-logits_V, kind='stable')
+  probs = np.exp(logits_V - logits_V.max())
+  probs /= probs.sum()
+  before = np.cumsum(probs[order]) - probs[order]
+  threshold = logits_V[order][np.sum(before < p) - 1]
+  return logits_V >= threshold
+
+
+def test_top_p_bisection_keeps_the_sorted_nucleus():
+  """The threshold found by halving is the sorted nucleus's, on wide, peaked and
+  top-k-truncated rows of a real vocabulary size."""
+  rng = np.random.default_rng(7)
+  logits_BxV = (rng.normal(size=(48, 2048)) * rng.uniform(0.5, 12, size=(48, 1))).astype(
+      np.float32)
+  logits_BxV[:16] = np.asarray(processors.apply_top_k(jnp.asarray(logits_BxV[:16]), 40))
+  for p in (0.1, 0.6, 0.95):
+    kept = np.isfinite(np.asarray(processors.apply_top_p(jnp.asarray(logits_BxV), p)))
+    for logits_V, kept_V in zip(logits_BxV, kept):
+      np.testing.assert_array_equal(kept_V, _top_p_by_sorting(logits_V, p))
+
+
 def test_top_p_keeps_all_tokens_tied_at_the_threshold():
   logits = jnp.log(jnp.asarray([[0.1, 0.4, 0.2, 0.2, 0.1]]))
   kept = np.isfinite(np.asarray(processors.apply_top_p(logits, 0.5)))[0]

@@ -281,7 +281,7 @@ def test_privacy_tables_from_results():
   assert header[5] == 'TPR@1%FPR % loss'
   assert rows[0] == ['centralized', 'a', 'yes', '5 / 4', '0.900', '20.0', '0.800', '0.0']
   assert set(tables.all_tables(runs, {})) == {'effectiveness', 'memorization', 'privacy',
-                                              'canaries', 'membership'}
+                                              'canaries', 'membership', 'findings'}
 
 
 def test_existing_tables_are_unchanged_by_privacy_results():
@@ -289,7 +289,7 @@ def test_existing_tables_are_unchanged_by_privacy_results():
   bare = [{k: v for k, v in r.items() if k not in ('privacy', 'canaries', 'membership')}
           for r in runs]
   with_privacy, without = tables.all_tables(runs, {}), tables.all_tables(bare, {})
-  assert set(without) == {'effectiveness', 'memorization'}
+  assert set(without) == {'effectiveness', 'memorization', 'findings'}
   for name, (title, header, rows) in without.items():
     assert tables.markdown(title, header, rows) == tables.markdown(*with_privacy[name])
     assert tables.latex(title, header, rows) == tables.latex(*with_privacy[name])

@@ -6,6 +6,8 @@ which clones they share (fingerprints with provenance), and, for a model's memor
 spans, the share that are cross-organization clones.
 """
 
+import collections
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -85,6 +87,31 @@ def cross_org_clones(indexes: Sequence[clones.CloneIndex], max_refs: int = 10) -
   return sorted(records.values(), key=lambda r: (-r['num_lines'], r['fingerprint']))
 
 
+def repository_pairs(indexes: Sequence[clones.CloneIndex], top: int = 10) -> list:
+  """Which repositories of different participants share windows, most first.
+
+  Each record names both sides (participant, repository), the distinct windows they
+  share, and the first file of each side that holds one of them (an example to open).
+  """
+  _check(indexes)
+  hashes_X, _ = cross_org_windows(indexes)
+  holders = collections.defaultdict(dict)  # window -> {(participant, repo): path}
+  for ix in indexes:
+    at_N = np.flatnonzero(np.isin(ix.win_hash_N, hashes_X))
+    for h, d in zip(ix.win_hash_N[at_N].tolist(), ix.win_doc_N[at_N].tolist()):
+      holders[h].setdefault((ix.participant, str(ix.repo_D[d])), str(ix.path_D[d]))
+  counts, examples = collections.Counter(), {}
+  for held in holders.values():
+    for a, b in itertools.combinations(sorted(held), 2):
+      if a[0] != b[0]:
+        counts[a, b] += 1
+        examples.setdefault((a, b), (held[a], held[b]))
+  ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+  return [dict(a={'participant': a[0], 'repo': a[1], 'path': examples[a, b][0]},
+               b={'participant': b[0], 'repo': b[1], 'path': examples[a, b][1]}, windows=n)
+          for (a, b), n in ranked]
+
+
 def report(indexes: Sequence[clones.CloneIndex], max_refs: int = 10) -> dict:
   """JSON-ready summary: containment matrix, cross-org window count and clone list."""
   names = _check(indexes)
@@ -94,4 +121,5 @@ def report(indexes: Sequence[clones.CloneIndex], max_refs: int = 10) -> dict:
               containment=containment_matrix(indexes).tolist(),
               cross_org_windows=int(hashes_X.size),
               cross_org_windows_per_participant=members_XxP.sum(0).astype(int).tolist(),
-              clones=cross_org_clones(indexes, max_refs))
+              clones=cross_org_clones(indexes, max_refs),
+              repository_pairs=repository_pairs(indexes))

@@ -2,9 +2,11 @@
 
 Every block is evaluated exactly once: blocks go in order in fixed-size batches and the
 last partial batch is filled with weight-0 rows (which `steps.eval_step` ignores), so the
-result does not depend on the batch size beyond float rounding. Per-batch sums are added
+result does not depend on the batch size beyond float rounding. Per-block sums are added
 on the host in float64; the pooled figure is the sum of the participants' sums and
-counts, not a mean of their perplexities.
+counts, not a mean of their perplexities. Each participant's result also lists the mean
+loss of every block (`block_losses`, in block order): analysis bootstraps over blocks
+for intervals on perplexity differences (analysis/findings.py).
 """
 
 import functools
@@ -52,9 +54,19 @@ def _check_blocks(name: str, blocks) -> None:
                      'collab.data.blocks.load_blocks(data_dir, participant, "valid").')
 
 
-def _summary(loss_sum: float, tokens: int) -> dict:
+def _summary(loss_sum: float, tokens: int, block_losses=None) -> dict:
   ppl = steps.perplexity(loss_sum, tokens) if tokens > 0 else None
-  return {'loss_sum': float(loss_sum), 'tokens': int(tokens), 'perplexity': ppl}
+  out = {'loss_sum': float(loss_sum), 'tokens': int(tokens), 'perplexity': ppl}
+  if block_losses is not None:
+    out['block_losses'] = [float(x) for x in block_losses]
+  return out
+
+
+def row_sums(params, batch: dict, *, model: nn.Module) -> tuple:
+  """(loss sum of each row, predictions of each row), padding rows (weight 0) at 0."""
+  nll_BxT = steps.token_nll(params, batch['tokens'], model=model, deterministic=True)
+  weights_B = batch['weights']
+  return nll_BxT.sum(axis=1) * weights_B, weights_B * nll_BxT.shape[1]
 
 
 def evaluate(params, model: nn.Module, blocks_by_participant: Mapping[str, np.ndarray],
@@ -75,22 +87,26 @@ def evaluate(params, model: nn.Module, blocks_by_participant: Mapping[str, np.nd
   shards = parallel.data_parallel_size(parallel.batch_sharding(mesh, rules))
   batch_size = -(-batch_size // shards) * shards
   params = sampling.place_params(params, mesh)
-  step = parallel.jit_eval_step(functools.partial(steps.eval_step, model=model),
+  step = parallel.jit_eval_step(functools.partial(row_sums, model=model),
                                 parallel.shardings_of(params), mesh, rules)
   total = sum(-(-len(b) // batch_size) for b in blocks_by_participant.values())
   results, pooled_sum, pooled_tokens = {}, 0.0, 0
   with tqdm.tqdm(total=total, unit='batch', desc='perplexity', disable=not progress) as bar:
     for name, blocks in blocks_by_participant.items():
-      sums = []  # Device scalars: fetched once per participant, so dispatch runs ahead.
+      sums = []  # Device arrays: fetched once per participant, so dispatch runs ahead.
       for local_batch in _local_batches(blocks, batch_size):
         sums.append(step(params, parallel.shard_batch(mesh, local_batch, rules)))
         bar.update(1)
-      loss_sum = float(np.sum([float(s) for s, _ in sums], dtype=np.float64))
-      tokens = int(round(sum(float(c) for _, c in sums)))
+      host = jax.device_get(sums)
+      sums_N = np.concatenate([np.asarray(s, np.float64) for s, _ in host]) if host else np.zeros(0)
+      counts_N = np.concatenate([np.asarray(c, np.float64) for _, c in host]) if host else np.zeros(0)
+      real_N = counts_N > 0  # Padding rows predict nothing.
+      loss_sum = float(np.sum(sums_N[real_N], dtype=np.float64))
+      tokens = int(round(float(counts_N.sum())))
       if tokens == 0:
         logging.warning('Participant %r has no validation blocks; its perplexity is None.',
                         name)
-      results[name] = _summary(loss_sum, tokens)
+      results[name] = _summary(loss_sum, tokens, sums_N[real_N] / counts_N[real_N])
       pooled_sum, pooled_tokens = pooled_sum + loss_sum, pooled_tokens + tokens
   if pooled_tokens == 0:
     raise ValueError('No validation blocks at all: every participant\'s "valid" split is '

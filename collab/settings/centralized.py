@@ -31,7 +31,8 @@ def train(config, workdir: str, participants: Sequence[str] | None = None, *,
   model, _ = run.make_model(config, data.manifest)
   run.claim_workdir(workdir, config, data_inputs=data.manifest.get('inputs'))
   summary = fit(config, workdir, model, data.train, data.valid,
-                init_from=init_from or config.train.init_from, eot_id=data.manifest['eot_id'])
+                init_from=init_from or config.train.init_from, eot_id=data.manifest['eot_id'],
+                tokenizer_dir=run.tokenizer_dir_of(data.data_dir))
   return summary
 
 
@@ -56,8 +57,13 @@ def _ppl_metrics(result: dict) -> dict:
 
 
 def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str = '',
-        eot_id: int = 0, desc: str = 'train') -> dict:
-  """Trains `model` on the pooled `train` blocks; returns the run's training summary."""
+        eot_id: int = 0, desc: str = 'train', tokenizer_dir: str = '') -> dict:
+  """Trains `model` on the pooled `train` blocks; returns the run's training summary.
+
+  At config.train.snapshot_fractions of the steps the model is also exported, with its
+  validation results, to WORKDIR/snapshots/ (run.save_snapshot) for evaluation over
+  training.
+  """
   start_time = time.time()
   pooled, owner_N = _pool(train)
   num_steps = run.total_steps(config.train, len(pooled), pooled.shape[1])
@@ -75,7 +81,8 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
   writer = io.MetricsWriter(workdir)
   writer.truncate_after(start)
   tokens_per_step = config.train.batch_size * (pooled.shape[1] - 1)
-  pending = []
+  snapshots = run.snapshot_points(config.train.get('snapshot_fractions', ()), num_steps)
+  pending, last_loss = [], None
   with tqdm.tqdm(total=num_steps, initial=start, desc=desc, unit='step',
                  unit_scale=False, dynamic_ncols=True) as bar:
     for step in range(start, num_steps):
@@ -84,9 +91,17 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
       state, metrics = engine.step(state, tokens_BxL, train_key)
       pending.append((step, metrics))
       done = step + 1
-      if done % config.train.log_every == 0 or done == num_steps:
-        _log(writer, pending, done, bar, tokens_per_step)
+      if done % config.train.log_every == 0 or done == num_steps or done in snapshots:
+        last_loss = _log(writer, pending, done, bar, tokens_per_step)
         pending = []
+      if done in snapshots:
+        params = engine.to_host(state)['params']
+        result = evaluate_valid(config, model, params, valid)
+        writer.write(done, _ppl_metrics(result))
+        run.save_snapshot(workdir, done, params, model.config, eot_id, {
+            'fraction': snapshots[done], 'step': done, 'steps': num_steps,
+            'epochs': snapshots[done] * _epochs(config, len(pooled), num_steps),
+            'train_loss': last_loss, 'valid': result}, tokenizer_dir)
       if config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps:
         writer.write(done, _ppl_metrics(evaluate_valid(
             config, model, engine.to_host(state)['params'], valid)))
@@ -106,11 +121,18 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
       'tokens_seen_per_participant': {
           n: int(seen_P[i]) * (pooled.shape[1] - 1) for i, n in enumerate(train)},
       'valid': final, 'train_seconds': time.time() - start_time}
-  return run.finish(workdir, engine.to_host(state)['params'], model.config, eot_id, summary)
+  return run.finish(workdir, engine.to_host(state)['params'], model.config, eot_id, summary,
+                    tokenizer_dir)
 
 
-def _log(writer, pending: list, done: int, bar, tokens_per_step: int) -> None:
-  """Writes the mean loss of the pending steps; raises naming the first NaN step."""
+def _epochs(config, num_blocks: int, num_steps: int) -> float:
+  """Passes over the pooled blocks that `num_steps` steps make."""
+  return num_steps * config.train.batch_size / max(num_blocks, 1)
+
+
+def _log(writer, pending: list, done: int, bar, tokens_per_step: int) -> float:
+  """Writes the mean loss of the pending steps (and returns it); raises naming the first
+  NaN step."""
   host = jax.device_get([m for _, m in pending])
   for (step, _), m in zip(pending, host):
     steps.check_finite(m, step)
@@ -120,3 +142,4 @@ def _log(writer, pending: list, done: int, bar, tokens_per_step: int) -> None:
                       'train/lr': float(last['lr'])})
   rate = bar.format_dict.get('rate') or 0.0
   bar.set_postfix(loss=f'{loss:.3f}', tok_s=f'{rate * tokens_per_step:,.0f}')
+  return loss

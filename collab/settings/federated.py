@@ -221,11 +221,12 @@ def train(config, workdir: str) -> dict:
                                        config.seed)
     train_blocks, owner = partition.blocks, dict(partition.owner)
   return fit(config, workdir, model, train_blocks, data.valid,
-             eot_id=data.manifest['eot_id'], owner=owner)
+             eot_id=data.manifest['eot_id'], owner=owner,
+             tokenizer_dir=run.tokenizer_dir_of(data.data_dir))
 
 
 def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
-        owner: dict | None = None) -> dict:
+        owner: dict | None = None, tokenizer_dir: str = '') -> dict:
   """Runs (or resumes) the rounds; evaluates every participant; writes train.json last.
 
   `train` maps client names to their blocks; `owner` maps each client to its participant
@@ -260,6 +261,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
   schedule = steps.make_schedule(config.train, total_local)
   writer = io.MetricsWriter(workdir)
   writer.truncate_after(start, key='round')
+  snapshots = run.snapshot_points(config.train.get('snapshot_fractions', ()), plan.rounds)
   with tqdm.tqdm(total=plan.rounds, initial=start, desc='federated', unit='round',
                  dynamic_ncols=True) as bar:
     for r in range(start, plan.rounds):
@@ -274,9 +276,16 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
                                                       len(plan.names))
       writer.write(r + 1, row, key='round')
       every = fed.eval_every
-      if every and (r + 1) % every == 0 and r + 1 < plan.rounds:
+      if every and (r + 1) % every == 0 and r + 1 < plan.rounds and r + 1 not in snapshots:
         writer.write(r + 1, _ppl_metrics(centralized.evaluate_valid(
             config, model, state['params'], valid)), key='round')
+      if r + 1 in snapshots:
+        result = centralized.evaluate_valid(config, model, state['params'], valid)
+        writer.write(r + 1, _ppl_metrics(result), key='round')
+        run.save_snapshot(workdir, r + 1, state['params'], model.config, eot_id, {
+            'fraction': snapshots[r + 1], 'round': r + 1, 'rounds': plan.rounds,
+            'epochs': (r + 1) * float(fed.local_epochs) if not fed.local_steps else None,
+            'train_loss': row['train/loss'], 'valid': result}, tokenizer_dir)
       checkpoint.save(manager, r + 1, state,
                       {'data': data.position, 'blocks_seen': seen_N.tolist()},
                       force=r + 1 == plan.rounds)
@@ -289,11 +298,11 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
   writer.close()
   return _finish(config, workdir, model, eot_id, plan, state, seen_N, owner, shape_BxL[1],
                  {'source': source, 'valid': final, 'train_seconds': time.time() - start_time},
-                 [len(train[n]) for n in plan.names])
+                 [len(train[n]) for n in plan.names], tokenizer_dir)
 
 
 def _finish(config, workdir, model, eot_id, plan, state, seen_N, owner, seq_len,
-            summary: dict, sizes_N) -> dict:
+            summary: dict, sizes_N, tokenizer_dir: str = '') -> dict:
   """The run's summary (and clients.json for finer clients), then run.finish."""
   fed = config.federated
   per_client = round_metrics.keeps_per_client(len(plan.names), fed.clients)
@@ -312,4 +321,4 @@ def _finish(config, workdir, model, eot_id, plan, state, seen_N, owner, seq_len,
     summary['privacy'] = dp_lib.privacy_summary(
         fed.dp, plan.rounds, plan.per_round, len(plan.names),
         float(jax.device_get(state['clip_norm'])), unit=fed.clients)
-  return run.finish(workdir, state['params'], model.config, eot_id, summary)
+  return run.finish(workdir, state['params'], model.config, eot_id, summary, tokenizer_dir)

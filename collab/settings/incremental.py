@@ -83,7 +83,8 @@ def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> 
   run.write_config(folder, cfg, inputs)
   return centralized.fit(cfg, folder, model, {order[k]: data.train[order[k]]}, data.valid,
                          init_from=init_from, eot_id=data.manifest['eot_id'],
-                         desc=f'stage {k + 1}/{len(order)} {order[k]}')
+                         desc=f'stage {k + 1}/{len(order)} {order[k]}',
+                         tokenizer_dir=run.tokenizer_dir_of(data.data_dir))
 
 
 def run_chain(config, workdir: str, order, model, data: run.RunData) -> dict:

@@ -221,7 +221,7 @@ NOT_TRAINING = {
     'data': ('data_dir',),
     'model': ('attention', 'loss_chunk'),
     'train': ('eval_batch_size', 'log_every', 'eval_every', 'checkpoint_every',
-              'keep_checkpoints'),
+              'keep_checkpoints', 'snapshot_fractions'),
     'federated': ('vmap', 'steps_per_call', 'client_block', 'checkpoint_every', 'eval_every'),
     'incremental': ('stages_dir',),
 }
@@ -314,19 +314,49 @@ def write_config(workdir: str, config, data_inputs: str | None = None) -> None:
 
 FINAL_DIR = 'final'  # The final model, as a Hugging Face GPT-2 folder.
 TRAIN_JSON = 'train.json'  # Written last: its presence means the run finished.
+SNAPSHOTS_DIR = 'snapshots'  # Intermediate models (config.train.snapshot_fractions).
 
 
 def finish(workdir: str, params: PyTree, model_config: ModelConfig, eot_id: int,
-           summary: dict) -> dict:
+           summary: dict, tokenizer_dir: str = '') -> dict:
   """Exports the final model to WORKDIR/final, then writes train.json (in that order).
 
   Every setting ends here, so evaluation reads one format whatever trained the model,
-  and the model is usable from transformers as it is.
+  and the model is usable from transformers as it is: `tokenizer_dir` (the data
+  folder's tokenizer) is copied beside the weights.
   """
   hf.export_hf(jax.device_get(params), model_config, os.path.join(workdir, FINAL_DIR),
-               bos_token_id=eot_id, eos_token_id=eot_id)
+               bos_token_id=eot_id, eos_token_id=eot_id, tokenizer_dir=tokenizer_dir)
   io.atomic_write_json(os.path.join(workdir, TRAIN_JSON), summary)
   return summary
+
+
+def tokenizer_dir_of(data_dir: str) -> str:
+  return os.path.join(data_dir, 'tokenizer')
+
+
+def snapshot_points(fractions, total: int) -> dict:
+  """{step (or round): fraction} for the fractions of a run of `total` steps (or rounds)
+  strictly inside it: the end of the run is the final model itself."""
+  points = {}
+  for f in sorted(float(x) for x in fractions):
+    if not 0.0 < f < 1.0:
+      raise ValueError(f'config.train.snapshot_fractions has {f}; each must lie strictly '
+                       'between 0 and 1 (the final model is always evaluated).')
+    at = max(1, int(round(f * total)))
+    if at < total:
+      points.setdefault(at, f)
+  return points
+
+
+def save_snapshot(workdir: str, at: int, params: PyTree, model_config: ModelConfig,
+                  eot_id: int, info: dict, tokenizer_dir: str = '') -> str:
+  """WORKDIR/snapshots/NNNNNN/{final/, train.json}: a run folder evaluation can read as
+  it reads the finished run (collab.evaluate.evaluate_snapshots); written atomically."""
+  folder = os.path.join(workdir, SNAPSHOTS_DIR, f'{int(at):06d}')
+  with io.atomic_dir(folder) as tmp:
+    finish(tmp, params, model_config, eot_id, info, tokenizer_dir)
+  return folder
 
 
 def is_done(workdir: str) -> bool:

@@ -1,0 +1,108 @@
+"""Intermediate models (dose-response) and the self-contained exported folder."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from collab import checkpoint
+from collab import evaluate
+from collab import hf
+from collab import train as train_lib
+from collab.data import tokenizer as tokenizer_lib
+from collab.settings import run
+from tests.conftest import tiny_run_config
+
+
+def _config(data_dir, setting='centralized'):
+  config = tiny_run_config(data_dir, steps=12, checkpoint_every=6, keep_checkpoints=4,
+                           snapshot_fractions=(0.5,))
+  config.setting = setting
+  config.federated.rounds, config.federated.local_steps = 4, 3
+  config.eval.passk.enabled = config.eval.membership.enabled = False
+  m = config.eval.memorization
+  m.max_prompts, m.samples_per_prompt, m.max_new_tokens, m.unprompted_samples = 3, 2, 24, 0
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('snap_run'))
+  config = _config(tiny_data)
+  train_lib.train(config, workdir)
+  return config, workdir
+
+
+def test_snapshot_is_the_model_at_its_step(trained):
+  config, workdir = trained
+  folder = os.path.join(workdir, run.SNAPSHOTS_DIR, '000006')
+  info = json.load(open(os.path.join(folder, run.TRAIN_JSON)))
+  assert info['step'] == 6 and info['fraction'] == 0.5 and info['train_loss'] > 0
+  assert set(info['valid']) == {'alpha', 'beta', 'gamma', 'pooled'}
+  manager = checkpoint.make_manager(workdir, 4, 1, async_save=False)
+  saved = manager.restore(6)['state']['params']
+  manager.close()
+  params, _ = hf.import_hf(os.path.join(folder, run.FINAL_DIR))
+  for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_snapshots_are_audited_by_the_final_models_code_path(trained, monkeypatch):
+  config, workdir = trained
+  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(config.data.data_dir, 'tokenizer'))
+  calls = []
+  real = evaluate.evaluate_memorization
+
+  def spy(cfg, folder, params, model_config, tok):
+    result = real(cfg, folder, params, model_config, tok)
+    calls.append((folder, result))
+    return result
+  monkeypatch.setattr(evaluate, 'evaluate_memorization', spy)
+  results = evaluate.evaluate_run(config, workdir)
+  snapshot = os.path.join(workdir, run.SNAPSHOTS_DIR, '000006')
+  assert [folder for folder, _ in calls] == [workdir, snapshot]
+  (point,) = results['snapshots']
+  assert point['step'] == 6 and point['fraction'] == 0.5
+  direct = calls[1][1]
+  assert direct['participants']['alpha']['samples'] == 3 * 2
+  for name, block in point['memorization']['participants'].items():
+    assert block['memorized_samples'] == direct['participants'][name]['memorized_samples']
+    assert block['samples'] == direct['participants'][name]['samples']
+  # The snapshot's audit is cached in its own folder, as the final model's is in the run's.
+  assert os.path.isfile(os.path.join(snapshot, 'memorization', 'result.json'))
+  assert os.path.isfile(os.path.join(workdir, 'memorization', 'result.json'))
+
+
+def test_federated_runs_snapshot_at_rounds(tiny_data, tmp_path):
+  config = _config(tiny_data, 'federated')
+  train_lib.train(config, str(tmp_path))
+  info = json.load(open(tmp_path / run.SNAPSHOTS_DIR / '000002' / run.TRAIN_JSON))
+  assert info['round'] == 2 and info['rounds'] == 4
+
+
+def test_snapshot_fractions_must_lie_inside_the_run():
+  assert run.snapshot_points((0.25, 0.5, 0.999), 8) == {2: 0.25, 4: 0.5}
+  with pytest.raises(ValueError, match='snapshot_fractions'):
+    run.snapshot_points((1.0,), 8)
+
+
+def test_final_folder_serves_transformers_alone(trained):
+  """AutoTokenizer and GPT2LMHeadModel load WORKDIR/final and generate code."""
+  _, workdir = trained
+  final = os.path.join(workdir, run.FINAL_DIR)
+  transformers = pytest.importorskip('transformers')
+  tokenizer = transformers.AutoTokenizer.from_pretrained(final)
+  ids = tokenizer('def alpha_compute_1(left, right):\n')['input_ids']
+  assert tokenizer.decode(ids) == 'def alpha_compute_1(left, right):\n'
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    pytest.skip('torch is not installed; `pip install torch==2.13.0` (a CPU build) runs '
+                'the generation half of this test.')
+  model = transformers.GPT2LMHeadModel.from_pretrained(final)
+  out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                       pad_token_id=tokenizer.eos_token_id)
+  assert out.shape[1] > len(ids)
+  assert isinstance(tokenizer.decode(out[0][len(ids):]), str)
