@@ -108,6 +108,10 @@ def run_config(config, spec: RunSpec, workdir: str):
   # Chains share stages with their prefix; a seed's chains share only among themselves.
   seeded = f'@seed{cfg.seed}' if len(tuple(config.study.seeds)) > 1 else ''
   cfg.incremental.stages_dir = os.path.join(os.path.abspath(workdir), 'stages' + seeded)
+  if 'single' in config.study.settings and not cfg.train.get('budget_tokens', 0):
+    # The single runs (trained first) are the chains' first stages: the same training.
+    cfg.incremental.first_stages = os.path.join(os.path.abspath(workdir),
+                                                'single-{participant}' + seeded)
   cfg.lock()
   return cfg
 

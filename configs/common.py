@@ -235,6 +235,9 @@ def incremental_config() -> ml_collections.ConfigDict:
   c.order = ''  # Comma-separated participant names; '' means the configured order.
   c.all_orders = False  # Every permutation of the participants (the study does this).
   c.stages_dir = ''  # Where stages live; '' means WORKDIR/stages. Studies share one.
+  # A finished single run per participant ('{participant}' in the folder name) that
+  # serves as the first stage of the chains starting with it (a study sets it); '': none.
+  c.first_stages = ''
   return c
 
 

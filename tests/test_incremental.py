@@ -201,3 +201,22 @@ def test_a_stage_trained_under_another_config_is_not_reused(tmp_path):
   run.claim_workdir(str(tmp_path), other_lr)  # Nothing recorded there yet: it claims it.
   with pytest.raises(ValueError, match=r'train\.learning_rate'):
     run.claim_workdir(str(tmp_path), config)
+
+
+def test_a_finished_single_run_is_the_first_stage_bit_for_bit(tiny_data, tmp_path, monkeypatch):
+  """With incremental.first_stages, a chain starts from the single run of its first
+  participant instead of training that stage again, and ends with the same bits."""
+  single = _config(tiny_data, 'alpha')
+  single.setting, single.single = 'single', 'alpha'
+  train_lib.train(single, str(tmp_path / 'single-alpha'))
+  plain = tmp_path / 'plain'
+  train_lib.train(_config(tiny_data, 'alpha,beta'), str(plain))
+  shared = _config(tiny_data, 'alpha,beta')
+  shared.incremental.first_stages = str(tmp_path / 'single-{participant}')
+  spy = Spy(monkeypatch)
+  summary = train_lib.train(shared, str(tmp_path / 'shared'))
+  assert [s['workdir'] for s in spy.stages] == ['stages/alpha-beta']  # Stage 1 not retrained.
+  assert spy.stages[0]['init_from'] == str(tmp_path / 'single-alpha')
+  assert summary['stages'][0]['workdir'] == os.path.join('..', 'single-alpha')
+  assert _same(_params(tmp_path / 'shared' / 'stages' / 'alpha-beta'),
+               _params(plain / 'stages' / 'alpha-beta'))

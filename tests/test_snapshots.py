@@ -20,6 +20,7 @@ def _config(data_dir, setting='centralized'):
   config = tiny_run_config(data_dir, steps=12, checkpoint_every=6, keep_checkpoints=4,
                            snapshot_fractions=(0.5,))
   config.setting = setting
+  config.model.max_len = 64  # Room for the tiny corpus's prompts (blocks stay 32 tokens).
   config.federated.rounds, config.federated.local_steps = 4, 3
   config.eval.passk.enabled = config.eval.membership.enabled = False
   m = config.eval.memorization

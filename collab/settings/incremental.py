@@ -53,10 +53,29 @@ def stage_dir(config, workdir: str, prefix) -> str:
   """STAGES/p1-...-pk: the stage that ends the order's prefix `prefix`.
 
   STAGES is config.incremental.stages_dir, or WORKDIR/stages; a study points all its
-  chains at one folder so orders that begin alike share their first stages.
+  chains at one folder so orders that begin alike share their first stages. A first
+  stage is a single run: with config.incremental.first_stages (a folder name with
+  '{participant}') a finished single run there serves as the chain's first stage.
   """
+  first = _finished_single(config, prefix)
+  if first:
+    return first
   root = config.incremental.get('stages_dir') or os.path.join(workdir, STAGES_DIR)
   return os.path.join(root, '-'.join(prefix))
+
+
+# What a single run's config says that a first stage's does not: neither changes how
+# centralized.fit trains one participant from scratch.
+SINGLE_FIELDS = ('setting', 'single')
+
+
+def _finished_single(config, prefix) -> str:
+  """The finished single run that is `prefix`'s first stage, or '' (train a stage)."""
+  template = config.incremental.get('first_stages') or ''
+  if len(prefix) != 1 or not template:
+    return ''
+  folder = template.format(participant=prefix[0])
+  return folder if run.is_done(folder) else ''
 
 
 def stage_config(config, num_stages: int):
@@ -75,7 +94,8 @@ def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> 
   cfg = stage_config(config, len(order))
   # Stages are shared by every chain with the same prefix, whatever the rest of its order.
   inputs = data.manifest.get('inputs')
-  run.check_same_training(cfg, folder, ignore=CHAIN_FIELDS, data_inputs=inputs)
+  ignore = CHAIN_FIELDS + (SINGLE_FIELDS if _finished_single(config, order[:k + 1]) else ())
+  run.check_same_training(cfg, folder, ignore=ignore, data_inputs=inputs)
   path = os.path.join(folder, run.TRAIN_JSON)
   if os.path.isfile(path):
     return io.read_json(path)

@@ -223,7 +223,7 @@ NOT_TRAINING = {
     'train': ('eval_batch_size', 'log_every', 'eval_every', 'checkpoint_every',
               'keep_checkpoints', 'snapshot_fractions'),
     'federated': ('vmap', 'steps_per_call', 'client_block', 'checkpoint_every', 'eval_every'),
-    'incremental': ('stages_dir',),
+    'incremental': ('stages_dir', 'first_stages'),
 }
 
 
