@@ -102,3 +102,44 @@ def stamp() -> str:
   return (f'Measured {datetime.date.today().isoformat()} on {cpu_model()} '
           f'({os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python '
           f'{platform.python_version()}); load average {load:.1f} at the end of the run.')
+
+
+# /proc/cpuinfo flags worth naming beside a CPU table: the vector and matrix extensions
+# XLA, YNNPACK, oneDNN and MKL choose kernels by.
+_VECTOR_FLAG_PREFIXES = ('avx', 'fma', 'amx')
+
+
+def vector_flags() -> list:
+  """The CPU's vector/matrix extensions (avx2, avx512*, amx*, fma) from /proc/cpuinfo."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return sorted(flag for flag in line.split(':', 1)[1].split()
+                        if flag.startswith(_VECTOR_FLAG_PREFIXES))
+  except OSError:
+    pass
+  return []
+
+
+def usable_cores() -> int:
+  """Cores this process may run on (its affinity mask), else os.cpu_count()."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def machine(threads: str = '') -> str:
+  """One paragraph for beside a CPU table: processor, extensions, cores, jax and XLA flags
+  in force, thread settings (plus `threads`, the bench's own), load average now."""
+  import jax  # pylint: disable=import-outside-toplevel
+  env = ', '.join(f'{name}={os.environ[name]}' for name in (
+      'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS') if name in os.environ)
+  load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+  return (f'Machine: {cpu_model()}; {os.cpu_count()} cores ({usable_cores()} usable); '
+          f'vector extensions: {" ".join(vector_flags()) or "unknown"}. jax '
+          f'{jax.__version__} on {jax.default_backend()}, XLA_FLAGS='
+          f'"{os.environ.get("XLA_FLAGS", "")}", XLA CPU intra-op threads: one per usable '
+          f'core. Threads: {threads or "defaults"}{"; " + env if env else ""}. Load '
+          f'average {load:.1f}.')

@@ -5,7 +5,9 @@ loaded by transformers' GPT2LMHeadModel), the same batch of equal-length prompts
 decoding and exactly `new_tokens` new tokens per row (no early stop), on this machine's
 CPU, in the same process. Each side runs once untimed (compilation, allocator warm-up),
 then `repeats` timed runs; the best is reported. Also reports how many rows produce
-identical tokens on both sides, a check that the two run the same model.
+identical tokens on both sides, a check that the two run the same model. Beside wall
+time, the process's CPU time per batch (all threads) of each side's best run, and beside
+the table the machine (CPU model, vector extensions, cores, XLA flags, threads).
 
   python -m bench.sampling [--sizes=tiny,small] [--batch=8] [--prompt_len=64]
       [--new_tokens=128] [--repeats=10] [--torch_device=cpu] [--record=FILE]
@@ -123,6 +125,7 @@ def bench_size(size: str) -> dict:
       'prompt_len': _PROMPT_LEN.value, 'new_tokens': _NEW.value,
       'collab_tok_s': tokens / ours_s, 'transformers_tok_s': tokens / hf_s,
       'speedup': hf_s / ours_s, 'speedup_cpu_time': hf_cpu / ours_cpu,
+      'collab_cpu_s': ours_cpu, 'transformers_cpu_s': hf_cpu,
       'collab_first_run_s': ours_first,
       'transformers_first_run_s': hf_first,
       'identical_rows': sum(a == b for a, b in zip(ours, theirs)),
@@ -131,12 +134,14 @@ def bench_size(size: str) -> dict:
 
 def markdown(rows) -> str:
   lines = ['| model | params | batch | prompt | new | collab tok/s | transformers tok/s '
-           '| speedup wall (CPU time) | collab 1st run (s) | identical rows |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| collab CPU ms/batch | transformers CPU ms/batch | speedup wall (CPU time) '
+           '| collab 1st run (s) | identical rows |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['batch']} | "
                  f"{r['prompt_len']} | {r['new_tokens']} | {r['collab_tok_s']:.0f} | "
-                 f"{r['transformers_tok_s']:.0f} | {r['speedup']:.1f}x "
+                 f"{r['transformers_tok_s']:.0f} | {1e3 * r['collab_cpu_s']:.0f} | "
+                 f"{1e3 * r['transformers_cpu_s']:.0f} | {r['speedup']:.1f}x "
                  f"({r['speedup_cpu_time']:.1f}x) | "
                  f"{r['collab_first_run_s']:.1f} | {r['identical_rows']}/{r['batch']} |")
   return '\n'.join(lines)
@@ -148,7 +153,8 @@ def main(argv):
   rows = [bench_size(size) for size in _SIZES.value]
   versions = (f'jax {jax.__version__} on {jax.devices()[0].device_kind}, torch '
               f'{torch.__version__} on {_TORCH_DEVICE.value} ({torch.get_num_threads()} '
-              f'threads); best of {_REPEATS.value} alternating rounds per side.')
+              f'threads); best of {_REPEATS.value} alternating rounds per side. '
+              f'{record.machine(f"torch {torch.get_num_threads()}")}')
   print(f'# {platform.machine()}, {os.cpu_count()} cores, {versions}')
   print(markdown(rows))
   print(json.dumps(rows))

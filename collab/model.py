@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from collab import dropout
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION = ('xla', 'cudnn')
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon.
@@ -177,7 +179,8 @@ class Attention(nn.Module):
     scores_BxHxLxT = scores_BxHxLxT.astype(jnp.float32) / math.sqrt(cfg.head_dim)
     scores_BxHxLxT = jnp.where(mask_Bx1xLxT, scores_BxHxLxT, jnp.finfo(jnp.float32).min)
     probs_BxHxLxT = jax.nn.softmax(scores_BxHxLxT, axis=-1).astype(cfg.compute_dtype)
-    probs_BxHxLxT = nn.Dropout(cfg.attn_dropout)(probs_BxHxLxT, deterministic=deterministic)
+    probs_BxHxLxT = dropout.Dropout(cfg.attn_dropout)(probs_BxHxLxT,
+                                                      deterministic=deterministic)
     out_BxLxHxK = jnp.einsum(f'bhlt,{kv_axes}->blhk', probs_BxHxLxT, v)
     return nn.with_logical_constraint(out_BxLxHxK, ('batch', 'length', 'heads', 'kv'))
 
@@ -189,12 +192,15 @@ class Attention(nn.Module):
     w_Dx3xHxK = _param(self, 'c_attn_kernel', (D, 3, H, K),
                        ('embed', None, 'heads', 'kv'), INIT_STD)
     b_3xHxK = _param(self, 'c_attn_bias', (3, H, K), (None, 'heads', 'kv'), None)
-    qkv_BxLx3xHxK = jnp.einsum('bld,dshk->blshk', x_BxLxD, w_Dx3xHxK.astype(dt))
-    qkv_BxLx3xHxK = qkv_BxLx3xHxK + b_3xHxK.astype(dt)
+    B, L = x_BxLxD.shape[:2]
+    # Products over B * L rows (also in Mlp): the weight gradient then contracts one axis,
+    # so XLA:CPU no longer copies the output gradient to [features, B, L] first; the same
+    # bits (docs/BENCHMARKS.md). Not for c_proj below: over (h, k) that changes rounding.
+    qkv_Nx3xHxK = jnp.einsum('nd,dshk->nshk', x_BxLxD.reshape(B * L, D), w_Dx3xHxK.astype(dt))
+    qkv_BxLx3xHxK = qkv_Nx3xHxK.reshape(B, L, 3, H, K) + b_3xHxK.astype(dt)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
         nn.with_logical_constraint(qkv_BxLx3xHxK[:, :, i], ('batch', 'length', 'heads', 'kv'))
         for i in range(3))
-    L = x_BxLxD.shape[1]
     if cache is None and cfg.attention == 'cudnn' and (deterministic or not cfg.attn_dropout):
       # jax's fused attention has no dropout, hence only where attention dropout is off.
       if jax.default_backend() != 'gpu':
@@ -204,7 +210,7 @@ class Attention(nn.Module):
                                                  is_causal=True, implementation='cudnn')
       # Declared, not called, as `_attend` does: flax names (and keys) dropout modules by
       # order, so the residual dropout draws the same masks on either path.
-      nn.Dropout(cfg.attn_dropout)
+      dropout.Dropout(cfg.attn_dropout)
     elif cache is None:
       mask_Bx1xLxT = jnp.tril(jnp.ones((L, L), bool))[None, None]
       out_BxLxHxK = self._attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxT,
@@ -221,7 +227,7 @@ class Attention(nn.Module):
                      _residual_std(cfg))
     b_D = _param(self, 'c_proj_bias', (D,), ('embed',), None)
     y_BxLxD = jnp.einsum('blhk,hkd->bld', out_BxLxHxK, w_HxKxD.astype(dt)) + b_D.astype(dt)
-    y_BxLxD = nn.Dropout(cfg.dropout)(y_BxLxD, deterministic=deterministic)
+    y_BxLxD = dropout.Dropout(cfg.dropout)(y_BxLxD, deterministic=deterministic)
     return nn.with_logical_constraint(y_BxLxD, ('batch', 'length', 'embed')), cache
 
 
@@ -235,14 +241,17 @@ class Mlp(nn.Module):
     dt = cfg.compute_dtype
     w_DxF = _param(self, 'c_fc_kernel', (cfg.d_model, cfg.d_ff), ('embed', 'mlp'), INIT_STD)
     b_F = _param(self, 'c_fc_bias', (cfg.d_ff,), ('mlp',), None)
-    h_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, w_DxF.astype(dt)) + b_F.astype(dt)
+    B, L, D = x_BxLxD.shape
+    h_NxF = jnp.einsum('nd,df->nf', x_BxLxD.reshape(B * L, D), w_DxF.astype(dt))
+    h_BxLxF = h_NxF.reshape(B, L, cfg.d_ff) + b_F.astype(dt)
     h_BxLxF = nn.with_logical_constraint(jax.nn.gelu(h_BxLxF, approximate=True),
                                          ('batch', 'length', 'mlp'))
     w_FxD = _param(self, 'c_proj_kernel', (cfg.d_ff, cfg.d_model), ('mlp', 'embed'),
                    _residual_std(cfg))
     b_D = _param(self, 'c_proj_bias', (cfg.d_model,), ('embed',), None)
-    y_BxLxD = jnp.einsum('blf,fd->bld', h_BxLxF, w_FxD.astype(dt)) + b_D.astype(dt)
-    y_BxLxD = nn.Dropout(cfg.dropout)(y_BxLxD, deterministic=deterministic)
+    y_NxD = jnp.einsum('nf,fd->nd', h_BxLxF.reshape(B * L, cfg.d_ff), w_FxD.astype(dt))
+    y_BxLxD = y_NxD.reshape(B, L, D) + b_D.astype(dt)
+    y_BxLxD = dropout.Dropout(cfg.dropout)(y_BxLxD, deterministic=deterministic)
     return nn.with_logical_constraint(y_BxLxD, ('batch', 'length', 'embed'))
 
 
@@ -312,7 +321,7 @@ class GPT2(nn.Module):
     x_BxLxD = (jnp.take(wte_VxD, tokens_BxL, axis=0, mode='fill', fill_value=jnp.nan)
                + jnp.take(wpe_PxD, positions_BxL, axis=0, mode='fill',
                           fill_value=jnp.nan)).astype(dt)
-    x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+    x_BxLxD = dropout.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
     new_cache = []
     for i in range(cfg.num_layers):

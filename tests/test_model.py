@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from collab import dropout
 from collab import model as M
 from configs import common
 
@@ -325,3 +326,61 @@ def test_fused_and_einsum_attention_draw_the_same_dropout_masks(monkeypatch):
   a, b = (_dropped_out(cfg, params, tokens_BxL, 0) for cfg in (einsum, fused))
   np.testing.assert_allclose(a, b, atol=1e-5)
   assert np.abs(a - _dropped_out(einsum, params, tokens_BxL, 1)).max() > 1e-3
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.5, 1 / 3, 0.999])
+@pytest.mark.parametrize('shape', [(7,), (3, 5, 11), (2, 4, 16, 16)])
+def test_dropout_masks_are_flax_masks_bit_for_bit(rate, shape):
+  """collab.dropout's fused threefry draws exactly jax.random.bernoulli's bits."""
+  x = jax.random.normal(jax.random.key(2), shape)
+  for seed in range(3):
+    rngs = {'dropout': jax.random.fold_in(jax.random.key(7), seed)}
+    ours = jax.jit(lambda x, r: dropout.Dropout(rate).apply({}, x, False, rngs=r))(x, rngs)
+    flax_ = nn.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(flax_))
+
+
+def test_dropout_falls_back_to_jax_for_other_keys():
+  """A non-threefry key takes jax.random.bernoulli itself: the same masks as flax."""
+  x = jnp.ones((4, 64))
+  rngs = {'dropout': jax.random.key(3, impl='rbg')}
+  ours = dropout.Dropout(0.25).apply({}, x, False, rngs=rngs)
+  np.testing.assert_array_equal(ours, nn.Dropout(0.25).apply({}, x, deterministic=False,
+                                                             rngs=rngs))
+
+
+def test_model_dropout_matches_flax_dropout():
+  """The model draws the masks flax's nn.Dropout would: training is unchanged."""
+  params, tokens_BxL = _init(), _tokens((2, 16))
+  rngs = {'dropout': jax.random.key(5)}
+  run = jax.jit(lambda p: M.GPT2(CFG).apply({'params': p}, tokens_BxL,
+                                             deterministic=False, rngs=rngs))
+  ours = run(params)
+  original = dropout.Dropout
+  try:
+    dropout.Dropout = nn.Dropout
+    theirs = jax.jit(lambda p: M.GPT2(CFG).apply({'params': p}, tokens_BxL,
+                                                 deterministic=False, rngs=rngs))(params)
+  finally:
+    dropout.Dropout = original
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_mlp_products_over_rows_keep_the_3d_einsum_bits():
+  """Mlp multiplies [B * L, D] rows (no weight-gradient transpose on the CPU): its output
+  and gradients are bit for bit those of the [B, L, D] einsums it replaced."""
+  cfg = dataclasses.replace(CFG, dropout=0.0)
+  mlp = M.Mlp(cfg)
+  x_BxLxD = jax.random.normal(jax.random.key(0), (4, 16, cfg.d_model))
+  params = nn.meta.unbox(mlp.init(jax.random.key(1), x_BxLxD, True)['params'])
+
+  def einsum_mlp(p, x):
+    h = jax.nn.gelu(jnp.einsum('bld,df->blf', x, p['c_fc_kernel']) + p['c_fc_bias'],
+                    approximate=True)
+    return jnp.einsum('blf,fd->bld', h, p['c_proj_kernel']) + p['c_proj_bias']
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(fn(p, x) ** 2), argnums=(0, 1)))
+  ours = loss(lambda p, x: mlp.apply({'params': p}, x, True))(params, x_BxLxD)
+  theirs = loss(einsum_mlp)(params, x_BxLxD)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)

@@ -205,7 +205,9 @@ def test_padded_vocabulary_trains_exactly_like_the_real_one():
     runs[name] = st, losses
   np.testing.assert_allclose(runs['padded'][1], runs['unpadded'][1], rtol=1e-6)
   wte = runs['padded'][0]['params']['wte']
-  np.testing.assert_allclose(wte[:120], runs['unpadded'][0]['params']['wte'], atol=1e-6)
+  # Other matrix shapes round differently (by ~2e-6 after 3 AdamW steps at lr 0.05 on
+  # some CPUs): equal to float32 rounding, not to the bit.
+  np.testing.assert_allclose(wte[:120], runs['unpadded'][0]['params']['wte'], atol=1e-5)
   np.testing.assert_array_equal(wte[120:], 0.0)  # No gradient, and decay of 0 is 0.
 
 
