@@ -37,7 +37,9 @@ RULES = (
     'perplexity of a participant seen last / seen first < 1 (both needed to support; '
     'either reversed contradicts). F5: share of memorized spans that are cross-organization '
     'clones > 0 in both the centralized and the FedAvg run (no memorized span: '
-    'inconclusive; spans but none cross-org: contradicted).')
+    'inconclusive; spans but none cross-org: contradicted). Samples are resampled as '
+    'independent draws although each prompt gives several, so memorization intervals '
+    'are narrower than a bootstrap over prompts would give.')
 
 
 # ---- Bootstrap --------------------------------------------------------------------------
@@ -91,8 +93,7 @@ def direction(ci, expected: int) -> int:
 def _by_setting(runs, setting: str, optimizer: str | None = None) -> list:
   return [r for r in runs if r['setting'] == setting and (
       optimizer is None or r.get('server_optimizer') == optimizer)
-          and not (r.get('privacy') or {}).get('enabled', False)
-          and '-dp-' not in r['run']]
+          and r.get('privacy') is None]  # DP-FedAvg runs are not the paper's FedAvg.
 
 
 def _blocks(run: dict, participant: str):
@@ -256,10 +257,10 @@ def finding5(runs) -> list:
     parts.append(f'{label} {_share_text(k, n)}')
     _, ci = share_interval(k, n)
     signs.append(None if not n else 1 if k and ci[0] > 0 else -1 if not k else 0)
-  if None in signs:
-    v = INCONCLUSIVE
-  elif min(signs) < 0:
+  if min((x for x in signs if x is not None), default=0) < 0:
     v = CONTRADICTED
+  elif None in signs:
+    v = INCONCLUSIVE
   else:
     v = SUPPORTED if min(signs) > 0 else INCONCLUSIVE
   return ['5. Cross-organization clones are memorized (centralized and federated)',

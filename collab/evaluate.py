@@ -316,11 +316,14 @@ def evaluate_snapshots(config, workdir: str, tokenizer) -> list | None:
   cfg.unlock()
   cfg.data.data_dir = run.data_dir_of(config, workdir)
   cfg.lock()
+  wanted = {float(f) for f in config.train.get('snapshot_fractions', ())}
   points = []
-  for name in sorted(os.listdir(root)):
+  # Snapshot folders are named by their step (or round); hidden ones are unfinished writes.
+  for name in sorted((n for n in os.listdir(root) if n.isdigit()), key=int):
     folder = os.path.join(root, name)
-    if not os.path.isfile(os.path.join(folder, run.TRAIN_JSON)):
-      continue  # A snapshot being written when training stopped: never complete.
+    info = io.read_json(os.path.join(folder, run.TRAIN_JSON))
+    if float(info.get('requested_fraction', info['fraction'])) not in wanted:
+      continue  # Exported under other snapshot_fractions.
     params, model_config, info = load_final(folder, int(config.model.get('vocab_multiple', 1)))
     points.append({
         **{k: info.get(k) for k in ('fraction', 'step', 'round', 'epochs', 'train_loss')},
@@ -333,7 +336,8 @@ def evaluate_snapshots(config, workdir: str, tokenizer) -> list | None:
 def results_key(config, workdir: str) -> str:
   """The fingerprint of a run's results.json: every evaluation setting, model and data."""
   return fingerprint(config, workdir, [config.eval.to_dict(), _client_fields(config),
-                                       config.train.eval_batch_size])
+                                       config.train.eval_batch_size,
+                                       list(config.train.get('snapshot_fractions', ()))])
 
 
 def load_current_results(config, workdir: str) -> dict | None:

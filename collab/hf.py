@@ -119,7 +119,7 @@ def export_hf(params, config: ModelConfig, folder: str, *,
     # transformers refuses safetensors files without format metadata.
     safetensors_numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_FILE),
                                 metadata={'format': 'pt'})
-    if tokenizer_dir:
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
       for name in sorted(os.listdir(tokenizer_dir)):
         if os.path.isfile(os.path.join(tokenizer_dir, name)) and name != CONFIG_FILE:
           shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))

@@ -4,7 +4,8 @@ A study folder holds `data/` (built once), one folder per run (`single-NAME`,
 `centralized`, `federated-OPT`, `federated-dp-zZ` (DP-FedAvg at noise multiplier Z),
 `incremental-A-B-C`, with `@seedN` when several seeds are asked for), `stages/`
 (incremental stages, shared by the orders that begin alike; `stages@seedN/` per seed
-when there are several), `summary.json` and, from
+when there are several; a chain's first stage is the single run of its first
+participant when the study has single runs), `summary.json` and, from
 analysis, `tables/` and `figures/`. Every step skips what is already done, so a study
 interrupted anywhere resumes, and a finished one re-prints its tables in seconds.
 """
@@ -60,10 +61,12 @@ def expand(config) -> list:
         'setting': 'incremental', 'incremental.order': ','.join(o),
         'incremental.all_orders': False}) for o in orders]
   snapshots = tuple(study.get('snapshot_runs', ()))
-  unknown = sorted(set(snapshots) - {s.name for s in specs})
+  unknown = sorted(set(snapshots) - {s.name for s in specs
+                                     if s.overrides.get('setting') != 'incremental'})
   if unknown:
     raise ValueError(f'config.study.snapshot_runs names {unknown}, which this study does not '
-                     f'run; use names among {[s.name for s in specs]}.')
+                     'run or which share stages (incremental); use names among '
+                     f"{[s.name for s in specs if s.overrides.get('setting') != 'incremental']}.")
   specs = [RunSpec(s.name, {**s.overrides, 'train.snapshot_fractions': tuple(
       study.snapshot_fractions)}) if s.name in snapshots else s for s in specs]
   seeds = tuple(study.seeds)

@@ -151,7 +151,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
   c.keep_checkpoints = 2  # Checkpoints kept per run.
   # Fractions of the run (steps; rounds when federated) at which the model is also
-  # exported to WORKDIR/snapshots/ and audited for memorization (dose-response); ().
+  # exported to WORKDIR/snapshots/ and audited for memorization (dose-response); (): none.
   c.snapshot_fractions = ()
   c.init_from = ''  # Another run's workdir or a Hugging Face GPT-2 folder.
   # Matched budgets (study option): > 0 gives every setting this many training tokens

@@ -31,23 +31,23 @@ def get_config(arg=None):
   del arg
   c = default.get_config()
   # The training recipe this study's README numbers were measured with (the default
-  # study's before it moved to a memorization regime): 8 epochs of batch 16 with dropout.
-  c.model.dropout = 0.1
-  c.train.batch_size = 16
-  c.train.epochs = 8.0
-  c.train.learning_rate = 2e-3
-  c.train.log_every = 5
-  c.train.eval_every = 0
-  c.train.checkpoint_every = 50
-  c.federated.rounds = 4
-  c.federated.local_epochs = 2.0
-  c.federated.eval_every = 0
+  # study's before it moved to a memorization regime).
+  c.model.dropout = 0.1  # GPT-2's dropout.
+  c.train.batch_size = 16  # 16 blocks of 256 tokens per step.
+  c.train.epochs = 8.0  # Passes over the data per setting.
+  c.train.learning_rate = 2e-3  # Peak AdamW learning rate.
+  c.train.log_every = 5  # Steps between metrics.jsonl lines.
+  c.train.eval_every = 0  # Validation only at the end.
+  c.train.checkpoint_every = 50  # Steps between checkpoints.
+  c.federated.rounds = 4  # Communication rounds.
+  c.federated.local_epochs = 2.0  # Rounds x local epochs = 8 per client.
+  c.federated.eval_every = 0  # Validation only at the end.
   c.eval.memorization.max_prompts = 6  # Docstring prompts per organization.
-  c.eval.memorization.samples_per_prompt = 5
-  c.eval.memorization.unprompted_samples = 0
-  c.study.snapshot_runs = ()
-  # Smaller files under a slightly larger cap than the default study's: more files per
-  # organization, so the membership inference has more than a handful of validation files.
+  c.eval.memorization.samples_per_prompt = 5  # PROTOCOL's 5.
+  c.eval.memorization.unprompted_samples = 0  # No extraction protocol.
+  c.study.snapshot_runs = ()  # No dose-response.
+  # Small files under a 100 kB cap: many files per organization, so the membership
+  # inference has more than a handful of validation files.
   c.data.participants = common.package_participants(MAX_BYTES_PER_PARTICIPANT)
   c.data.max_file_bytes = 4_000
   c.data.canaries.repeats = (1, 10, 100)  # Copies of each canary in the training files.

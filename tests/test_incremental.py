@@ -220,3 +220,11 @@ def test_a_finished_single_run_is_the_first_stage_bit_for_bit(tiny_data, tmp_pat
   assert summary['stages'][0]['workdir'] == os.path.join('..', 'single-alpha')
   assert _same(_params(tmp_path / 'shared' / 'stages' / 'alpha-beta'),
                _params(plain / 'stages' / 'alpha-beta'))
+  # Only that participant's finished single run is ever reused.
+  other = _config(tiny_data, 'beta,alpha')
+  other.incremental.first_stages = str(tmp_path / 'single-{participant}')
+  assert incremental.stage_dir(other, str(tmp_path), ('beta',)).endswith('stages/beta')
+  other.incremental.first_stages = str(tmp_path / 'single-alpha')  # No {participant}.
+  assert incremental.stage_dir(other, str(tmp_path), ('alpha',)).endswith('stages/alpha')
+  other.incremental.first_stages = str(plain / 'stages' / '{participant}')  # Not a single.
+  assert incremental.stage_dir(other, str(tmp_path), ('alpha',)).endswith('stages/alpha')

@@ -99,10 +99,12 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
         result = evaluate_valid(config, model, params, valid)
         writer.write(done, _ppl_metrics(result))
         run.save_snapshot(workdir, done, params, model.config, eot_id, {
-            'fraction': snapshots[done], 'step': done, 'steps': num_steps,
-            'epochs': snapshots[done] * _epochs(config, len(pooled), num_steps),
+            'fraction': done / num_steps, 'requested_fraction': snapshots[done],
+            'step': done, 'steps': num_steps,
+            'epochs': _epochs(config, len(pooled), done),
             'train_loss': last_loss, 'valid': result}, tokenizer_dir)
-      if config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps:
+      if (config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps
+          and done not in snapshots):  # A snapshot writes its own validation row.
         writer.write(done, _ppl_metrics(evaluate_valid(
             config, model, engine.to_host(state)['params'], valid)))
       checkpoint.save(manager, done, engine.to_host(state),

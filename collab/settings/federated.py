@@ -283,7 +283,8 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
         result = centralized.evaluate_valid(config, model, state['params'], valid)
         writer.write(r + 1, _ppl_metrics(result), key='round')
         run.save_snapshot(workdir, r + 1, state['params'], model.config, eot_id, {
-            'fraction': snapshots[r + 1], 'round': r + 1, 'rounds': plan.rounds,
+            'fraction': (r + 1) / plan.rounds, 'requested_fraction': snapshots[r + 1],
+            'round': r + 1, 'rounds': plan.rounds,
             'epochs': (r + 1) * float(fed.local_epochs) if not fed.local_steps else None,
             'train_loss': row['train/loss'], 'valid': result}, tokenizer_dir)
       checkpoint.save(manager, r + 1, state,

@@ -5,7 +5,8 @@ An order (p1, ..., pn) is a chain of stages (DESIGN.md convention 4). Stage k is
 restored through Orbax (`init_from` = stage k-1's workdir) with a fresh optimizer and
 warmup. Stage k lives in `WORKDIR/stages/p1-...-pk`, named by the order's prefix, so the
 chains of `all_orders` share the stages they have in common and every stage keeps its
-checkpoints for later evaluation. After each stage, fit evaluates every participant's
+checkpoints for later evaluation; with `incremental.first_stages` (a study sets it) a
+finished single run of the first participant is the first stage. After each stage, fit evaluates every participant's
 validation blocks: the stages' results are the chain's forgetting curves.
 
 A stage with train.json is done and is not run again; a stage without one resumes from
@@ -70,12 +71,20 @@ SINGLE_FIELDS = ('setting', 'single')
 
 
 def _finished_single(config, prefix) -> str:
-  """The finished single run that is `prefix`'s first stage, or '' (train a stage)."""
+  """The finished single run of `prefix`'s participant that is its first stage, or ''
+  (train the stage in STAGES). Matched budgets give a stage a share of the budget, so
+  a single run is never its stage then."""
   template = config.incremental.get('first_stages') or ''
-  if len(prefix) != 1 or not template:
+  if len(prefix) != 1 or '{participant}' not in template or config.train.get(
+      'budget_tokens', 0):
     return ''
-  folder = template.format(participant=prefix[0])
-  return folder if run.is_done(folder) else ''
+  folder = template.replace('{participant}', prefix[0])
+  path = os.path.join(folder, run.CONFIG_JSON)
+  if not (run.is_done(folder) and os.path.isfile(path)):
+    return ''
+  trained = io.read_json(path)
+  return folder if (trained.get('setting'), trained.get('single')) == ('single', prefix[0]) \
+      else ''
 
 
 def stage_config(config, num_stages: int):

@@ -336,8 +336,9 @@ def tokenizer_dir_of(data_dir: str) -> str:
 
 
 def snapshot_points(fractions, total: int) -> dict:
-  """{step (or round): fraction} for the fractions of a run of `total` steps (or rounds)
-  strictly inside it: the end of the run is the final model itself."""
+  """{step (or round): requested fraction} for the fractions of a run of `total` steps
+  (or rounds) strictly inside it: the end of the run is the final model itself. The
+  step is the nearest one (its own fraction, step / total, is what plots use)."""
   points = {}
   for f in sorted(float(x) for x in fractions):
     if not 0.0 < f < 1.0:
