@@ -6,7 +6,8 @@ Writes WORKDIR/figures/: memorization.png (ratio by setting and participant),
 incremental_orders.png (heat maps over orders), loss_curves.png (training loss per run),
 forgetting.png (perplexity of every participant over incremental stages), when runs
 exported intermediate models dose_response.png (memorization and validation perplexity
-over epochs) and, when the study has DP-FedAvg runs, privacy_utility.png (noise multiplier against perplexity and
+over epochs) and, when the study has DP-FedAvg runs, privacy_utility.png (noise multiplier
+against perplexity and
 canary exposure, ε beside each point).
 """
 

@@ -37,7 +37,8 @@ def breakdown(study_dir: str) -> dict:
 
 def table(cold: dict, warm: dict | None) -> str:
   rows = [('wall (make study, after installation)', 'wall'), ('data build', 'data'),
-          ('training (all runs; wall - data - evaluation)', 'train'), ('evaluation (all runs)', 'evaluate')]
+          ('training (all runs; wall - data - evaluation)', 'train'),
+          ('evaluation (all runs)', 'evaluate')]
   rows += [(f'  {p}', p) for p in PARTS if cold.get(p)]
   header = '| part | cold (s) |' + (' warm (s) |' if warm else '')
   lines = [header, '|---|---|' + ('---|' if warm else '')]

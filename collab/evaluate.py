@@ -324,7 +324,7 @@ def evaluate_snapshots(config, workdir: str, tokenizer) -> list | None:
     info = io.read_json(os.path.join(folder, run.TRAIN_JSON))
     if float(info.get('requested_fraction', info['fraction'])) not in wanted:
       continue  # Exported under other snapshot_fractions.
-    params, model_config, info = load_final(folder, int(config.model.get('vocab_multiple', 1)))
+    params, model_config, _ = load_final(folder, int(config.model.get('vocab_multiple', 1)))
     points.append({
         **{k: info.get(k) for k in ('fraction', 'step', 'round', 'epochs', 'train_loss')},
         'perplexity': {n: r['perplexity'] for n, r in info['valid'].items()},

@@ -61,12 +61,11 @@ def expand(config) -> list:
         'setting': 'incremental', 'incremental.order': ','.join(o),
         'incremental.all_orders': False}) for o in orders]
   snapshots = tuple(study.get('snapshot_runs', ()))
-  unknown = sorted(set(snapshots) - {s.name for s in specs
-                                     if s.overrides.get('setting') != 'incremental'})
+  allowed = [s.name for s in specs if s.overrides.get('setting') != 'incremental']
+  unknown = sorted(set(snapshots) - set(allowed))
   if unknown:
     raise ValueError(f'config.study.snapshot_runs names {unknown}, which this study does not '
-                     'run or which share stages (incremental); use names among '
-                     f"{[s.name for s in specs if s.overrides.get('setting') != 'incremental']}.")
+                     f'run or which share stages (incremental); use names among {allowed}.')
   specs = [RunSpec(s.name, {**s.overrides, 'train.snapshot_fractions': tuple(
       study.snapshot_fractions)}) if s.name in snapshots else s for s in specs]
   seeds = tuple(study.seeds)
@@ -171,13 +170,14 @@ def run_study(config, workdir: str) -> dict:
   previous = os.path.join(workdir, SUMMARY_JSON)
   # Time over the invocations that trained or evaluated something: a rerun that only
   # reads finished runs leaves it (and the summary) as it was.
-  before = io.read_json(previous).get('wall_seconds') if os.path.isfile(previous) else None
+  stored = io.read_json(previous) if os.path.isfile(previous) else {}
+  before = stored.get('wall_seconds')
   summary['wall_seconds'] = ((before or 0.0) + time.time() - start if worked or before is None
                              else before)
   if worked or before is None:  # The data build of the invocation that did the work.
     summary['data_seconds'] = data_seconds
   else:
-    summary['data_seconds'] = io.read_json(previous).get('data_seconds')
+    summary['data_seconds'] = stored.get('data_seconds')
   io.atomic_write_json(previous, summary)
   logging.info('Study %s: %d runs in %.0fs.', workdir, len(specs), time.time() - start)
   return summary

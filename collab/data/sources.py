@@ -63,7 +63,8 @@ class SourceNotFoundError(SourceError, FileNotFoundError):
 
 
 def parse_source(spec: str) -> tuple[str, str]:
-  """'pkg:jax' -> ('pkg', 'jax'); 'stdlib' -> ('stdlib', ''); 'stdlib:json' -> ('stdlib', 'json')."""
+  """'pkg:jax' -> ('pkg', 'jax'); 'stdlib' -> ('stdlib', ''); 'stdlib:json' -> ('stdlib',
+  'json')."""
   if spec == 'stdlib':
     return 'stdlib', ''
   kind, sep, arg = spec.partition(':')

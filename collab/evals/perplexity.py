@@ -98,8 +98,8 @@ def evaluate(params, model: nn.Module, blocks_by_participant: Mapping[str, np.nd
         sums.append(step(params, parallel.shard_batch(mesh, local_batch, rules)))
         bar.update(1)
       host = jax.device_get(sums)
-      sums_N = np.concatenate([np.asarray(s, np.float64) for s, _ in host]) if host else np.zeros(0)
-      counts_N = np.concatenate([np.asarray(c, np.float64) for _, c in host]) if host else np.zeros(0)
+      sums_N = np.concatenate([np.zeros(0)] + [np.asarray(s, np.float64) for s, _ in host])
+      counts_N = np.concatenate([np.zeros(0)] + [np.asarray(c, np.float64) for _, c in host])
       real_N = counts_N > 0  # Padding rows predict nothing.
       loss_sum = float(np.sum(sums_N[real_N], dtype=np.float64))
       tokens = int(round(float(counts_N.sum())))

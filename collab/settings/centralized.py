@@ -94,19 +94,16 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
       if done % config.train.log_every == 0 or done == num_steps or done in snapshots:
         last_loss = _log(writer, pending, done, bar, tokens_per_step)
         pending = []
-      if done in snapshots:
+      every = config.train.eval_every
+      if done in snapshots or (every and done % every == 0 and done < num_steps):
         params = engine.to_host(state)['params']
         result = evaluate_valid(config, model, params, valid)
         writer.write(done, _ppl_metrics(result))
-        run.save_snapshot(workdir, done, params, model.config, eot_id, {
-            'fraction': done / num_steps, 'requested_fraction': snapshots[done],
-            'step': done, 'steps': num_steps,
-            'epochs': _epochs(config, len(pooled), done),
-            'train_loss': last_loss, 'valid': result}, tokenizer_dir)
-      if (config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps
-          and done not in snapshots):  # A snapshot writes its own validation row.
-        writer.write(done, _ppl_metrics(evaluate_valid(
-            config, model, engine.to_host(state)['params'], valid)))
+        if done in snapshots:
+          run.save_snapshot(workdir, done, params, model.config, eot_id, {
+              'fraction': done / num_steps, 'requested_fraction': snapshots[done],
+              'step': done, 'steps': num_steps, 'epochs': _epochs(config, len(pooled), done),
+              'train_loss': last_loss, 'valid': result}, tokenizer_dir)
       checkpoint.save(manager, done, engine.to_host(state),
                       {'data': batches.position, 'blocks_seen': seen_P.tolist()},
                       force=done == num_steps)

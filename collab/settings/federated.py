@@ -276,17 +276,15 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
                                                       len(plan.names))
       writer.write(r + 1, row, key='round')
       every = fed.eval_every
-      if every and (r + 1) % every == 0 and r + 1 < plan.rounds and r + 1 not in snapshots:
-        writer.write(r + 1, _ppl_metrics(centralized.evaluate_valid(
-            config, model, state['params'], valid)), key='round')
-      if r + 1 in snapshots:
+      if r + 1 in snapshots or (every and (r + 1) % every == 0 and r + 1 < plan.rounds):
         result = centralized.evaluate_valid(config, model, state['params'], valid)
         writer.write(r + 1, _ppl_metrics(result), key='round')
-        run.save_snapshot(workdir, r + 1, state['params'], model.config, eot_id, {
-            'fraction': (r + 1) / plan.rounds, 'requested_fraction': snapshots[r + 1],
-            'round': r + 1, 'rounds': plan.rounds,
-            'epochs': (r + 1) * float(fed.local_epochs) if not fed.local_steps else None,
-            'train_loss': row['train/loss'], 'valid': result}, tokenizer_dir)
+        if r + 1 in snapshots:
+          run.save_snapshot(workdir, r + 1, state['params'], model.config, eot_id, {
+              'fraction': (r + 1) / plan.rounds, 'requested_fraction': snapshots[r + 1],
+              'round': r + 1, 'rounds': plan.rounds,
+              'epochs': (r + 1) * float(fed.local_epochs) if not fed.local_steps else None,
+              'train_loss': row['train/loss'], 'valid': result}, tokenizer_dir)
       checkpoint.save(manager, r + 1, state,
                       {'data': data.position, 'blocks_seen': seen_N.tolist()},
                       force=r + 1 == plan.rounds)

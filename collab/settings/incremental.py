@@ -6,8 +6,9 @@ restored through Orbax (`init_from` = stage k-1's workdir) with a fresh optimize
 warmup. Stage k lives in `WORKDIR/stages/p1-...-pk`, named by the order's prefix, so the
 chains of `all_orders` share the stages they have in common and every stage keeps its
 checkpoints for later evaluation; with `incremental.first_stages` (a study sets it) a
-finished single run of the first participant is the first stage. After each stage, fit evaluates every participant's
-validation blocks: the stages' results are the chain's forgetting curves.
+finished single run of the first participant is the first stage. After each stage, fit
+evaluates every participant's validation blocks: the stages' results are the chain's
+forgetting curves.
 
 A stage with train.json is done and is not run again; a stage without one resumes from
 its own checkpoint (or starts from its predecessor), so a killed chain resumes at the
