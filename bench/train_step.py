@@ -26,9 +26,13 @@ and one thread can be several times faster than all of them, so the peer is comp
 both and the headline is the speed-up over the faster one.
 
   python -m bench.train_step [--sizes=tiny,small] [--batch=16] [--rounds=5] [--steps=3]
-      [--threads=0,1] [--record=docs/BENCHMARKS.md]
+      [--threads=0,1] [--loss_chunk=0] [--record=docs/BENCHMARKS.md]
+
+`--loss_chunk=N` runs collab's step with `model.loss_chunk=N` (a config field that changes
+rounding, off by default); bench/profile_step.py shows where the step's time goes.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -36,6 +40,7 @@ import statistics
 import tempfile
 import textwrap
 import time
+from typing import Callable, NamedTuple
 
 from absl import app
 from absl import flags
@@ -55,6 +60,10 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Sequences per step (both sides).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating timed rounds; medians are reported.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Steps per side per round.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per side first.')
+_LOSS_CHUNK = flags.DEFINE_integer(
+    'loss_chunk', 0, "collab's model.loss_chunk (0: the whole [B, L, V] logits at once, the "
+    'default; N: the LM head and cross entropy N positions at a time, recomputed in the '
+    'backward pass: a change of rounding, see collab/steps.chunked_nll).')
 _THREADS = flags.DEFINE_list('threads', ['0', '1'],
                              'torch thread counts, one PyTorch side each; 0: one per CPU core.')
 _RECORD = record.define_flag()
@@ -66,12 +75,21 @@ MATMUL_N = 1024  # Side of the square float32 matrices of the reference product.
 
 
 def model_config(size: str, vocab: int) -> model_lib.ModelConfig:
+  """The size's model at `vocab`, with --loss_chunk."""
   cfg = common.model_config(size)
-  return model_lib.ModelConfig.from_config(cfg, vocab)
+  return dataclasses.replace(model_lib.ModelConfig.from_config(cfg, vocab),
+                             loss_chunk=_LOSS_CHUNK.value)
 
 
-def collab_side(config, train_cfg, tokens_BxL: np.ndarray):
-  """(run(n) -> None that trains n steps, initial params, deterministic loss of the batch)."""
+class CollabSide(NamedTuple):
+  run: Callable[[int], None]  # Trains n steps.
+  params: dict  # Initial parameters, on the host.
+  loss: float  # Deterministic loss of the batch before training.
+  hlo: Callable[[], str]  # The compiled step's HLO text.
+
+
+def collab_side(config, train_cfg, tokens_BxL: np.ndarray) -> CollabSide:
+  """collab's jitted train step on the batch, with the state donated."""
   model = model_lib.GPT2(config)
   optimizer = steps.make_optimizer(train_cfg, TOTAL_STEPS)
   state = jax.jit(functools.partial(steps.init_state, model=model, optimizer=optimizer,
@@ -89,7 +107,10 @@ def collab_side(config, train_cfg, tokens_BxL: np.ndarray):
       state, metrics = step(state, batch, rng)
     box['state'] = jax.block_until_ready(state)
     steps.check_finite(metrics, int(state['step']))
-  return run, params, float(loss_sum / count)
+
+  def hlo():
+    return step.lower(box['state'], batch, rng).compile().as_text()
+  return CollabSide(run, params, float(loss_sum / count), hlo)
 
 
 def torch_side(folder: str, train_cfg, tokens_BxL: np.ndarray, threads: int):
@@ -188,7 +209,7 @@ def bench_size(size: str, threads: list) -> list:
   train_cfg = common.train_config()
   tokens_BxL = np.random.default_rng(0).integers(
       0, config.vocab_size, (_BATCH.value, config.max_len))
-  ours, params, our_loss = collab_side(config, train_cfg, tokens_BxL)
+  ours, params, our_loss, _ = collab_side(config, train_cfg, tokens_BxL)
   sides, their_loss = {'collab': ours}, None
   with tempfile.TemporaryDirectory() as tmp:
     folder = hf.export_hf(params, config, os.path.join(tmp, 'hf'))
@@ -244,7 +265,7 @@ def conditions(threads: list) -> str:
   return (f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} '
           f'(MKL: {torch.backends.mkl.is_available()}, mkldnn: '
           f'{torch.backends.mkldnn.is_available()}), transformers {transformers.__version__}; '
-          f'float32, dropout 0.1, {_ROUNDS.value} alternating rounds of {_STEPS.value} steps '
+          f'float32, dropout 0.1, model.loss_chunk {_LOSS_CHUNK.value}, {_ROUNDS.value} alternating rounds of {_STEPS.value} steps '
           f'per side after {_WARMUP.value} warm-up steps; medians. Matmul reference: float32 '
           f'{MATMUL_N}^3 under jax.jit, best of 10, right after each race. '
           f'{record.machine("torch " + " and ".join(map(str, threads)) + " (one side each)")}')
