@@ -10,8 +10,10 @@ license, hash, the cleaning's statistics and flags), and `prompts/{org}_prompts.
   - the paper's split: each org's train file is its training data, its valid file its
     validation data (data.split = 'given'), never pooled and re-split;
   - the release is already cleaned, so its random filters' flags are trusted (no second
-    0.7 draw on config/test and keyword-less files); the deterministic filters run and the
-    data card counts what they drop (nothing, on the release);
+    0.7 draw on config/test and keyword-less files), and so is its `ratio` for filter 5
+    (characters per token by the paper's tokenizer, not recounted with our BPE, under which
+    a kept file can fall below 1.5); the other deterministic filters run and the data card
+    counts what they drop (nothing, on the release);
   - memorization prompts are the released ones, at their original indentation; the
     results also report how often a sample reproduces the released function body.
 Files are named by the release's `hash` (they have no path), so federated clients by
@@ -34,8 +36,9 @@ def release_participant(root: str, org: str):
                   for side in ('train', 'valid'))
   p = common.participant(org, (train, valid))
   p.valid_sources = (valid,)  # With data.split='given': these files are the validation side.
-  # The release's flags stand for the random filters' draw (already made); see clean.py.
-  p.trusted_flags = ('config_or_test', 'has_no_keywords')
+  # The release's flags stand for the random filters' draw (already made), and its ratio
+  # (characters per token of the paper's GPT-2 tokenizer) for filter 5; see clean.py.
+  p.trusted_flags = ('config_or_test', 'has_no_keywords', 'ratio')
   return p
 
 

@@ -150,6 +150,7 @@ def test_jsonl_reads_the_release_schema_without_path():
     assert r['path'] == f"hash:{row['hash']}" and r['identity'] == 'hash'
     assert r['copies'] == int(row['copies'])
     assert r['flags'] == {k: row[k] for k in sources.RELEASE_FLAGS}
+    assert r['ratio'] == row['ratio'] and isinstance(r['ratio'], float)
 
 
 def test_jsonl_without_path_or_hash_is_named_by_its_content(tmp_path):
@@ -171,6 +172,8 @@ def test_jsonl_without_path_or_hash_is_named_by_its_content(tmp_path):
      r"line 1: field copies='many' is not a positive whole number"),
     (json.dumps({'repo_name': 'r', 'content': 'x', 'config_or_test': 'maybe'}) + '\n',
      r"line 1: flag config_or_test='maybe' is not true or false"),
+    (json.dumps({'repo_name': 'r', 'content': 'x', 'ratio': 'high'}) + '\n',
+     r"line 1: field ratio='high' is not a number"),
     (json.dumps({'repo_name': 'r', 'content': 'x', 'path': 3}) + '\n',
      r"line 1: field 'path' must be a string"),
 ])

@@ -49,6 +49,35 @@ def stream_length(ids_per_file: Sequence[np.ndarray]) -> int:
   return sum(len(ids) + 1 for ids in ids_per_file)
 
 
+def write_packed(path: str, ids_per_file: Sequence, eot_id: int, seq_len: int, dtype: str,
+                 read=np.asarray, chunk_tokens: int = 1 << 22) -> int:
+  """pack() written straight to a .npy (the same bytes as save_blocks(pack(...))) through a
+  buffer of `chunk_tokens`, never the whole stream in memory; `read(ids)` gives a file's
+  ids (e.g. from a Spill). Written atomically; returns the number of blocks."""
+  num_blocks = stream_length(ids_per_file) // seq_len
+  header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
+            'shape': (num_blocks, seq_len)}
+
+  def write(f):
+    np.lib.format.write_array_header_1_0(f, header)
+    left, pieces, buffered = num_blocks * seq_len, [], 0
+    for ids in ids_per_file:
+      if not left:
+        break
+      piece = np.concatenate([np.asarray([eot_id], dtype), np.asarray(read(ids), dtype)])
+      pieces.append(piece[:left])
+      left -= len(pieces[-1])
+      buffered += len(pieces[-1])
+      if buffered >= chunk_tokens:
+        f.write(np.concatenate(pieces).tobytes())
+        pieces, buffered = [], 0
+    if pieces:
+      f.write(np.concatenate(pieces).tobytes())
+
+  io.atomic_write(path, write, binary=True)
+  return num_blocks
+
+
 def save_blocks(path: str, blocks_NxL: np.ndarray) -> None:
   """Writes a .npy atomically (temporary file in the same folder, then rename)."""
   io.atomic_write(path, lambda f: np.save(f, blocks_NxL), binary=True)

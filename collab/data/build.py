@@ -7,6 +7,13 @@ the TFDS dataset, the token blocks, `data_card.json` and `manifest.json`. Canari
 (config.data.canaries, collab/data/canaries.py) join the training files after filters 5-8
 and the cap, and are listed in `canaries.json`.
 
+The build streams (collab/data/streaming.py): memory holds per-file metadata (a few
+hundred bytes per file), never the corpus. Pass 1 reads each participant's sources once
+for filters 1-4; the split, the BPE's training sample and the byte cap are decided from
+metadata; the sources are then read again for the BPE's training text, for filters 5-8
+(the kept files' token ids spilled to a temporary file and packed into the .npy a file at
+a time) and for the TFDS write. A source whose files change between passes is an error.
+
 The folder is built in a temporary sibling and renamed into place, so an interrupted build
 leaves nothing half-made; a folder it replaces is renamed aside first and removed last, so
 a build killed at any point leaves the old folder whole or the new one (the next build
@@ -36,6 +43,7 @@ from collab.data import canaries as canaries_lib
 from collab.data import clients as clients_lib
 from collab.data import clean
 from collab.data import sources as sources_lib
+from collab.data import streaming
 from collab.data import tfds_builder
 from collab.data import tokenizer as tokenizer_lib
 
@@ -123,8 +131,8 @@ def _validate_release_options(p: dict, split: str) -> None:
   bad = [f for f in p.get('trusted_flags') or () if f not in clean.TRUSTABLE_FLAGS]
   if bad:
     raise ValueError(f"Participant {p['name']!r}: trusted_flags {bad} unknown; use "
-                     f'{sorted(clean.TRUSTABLE_FLAGS)} (the random filters\' flags; the '
-                     'deterministic filters always run).')
+                     f'{sorted(clean.TRUSTABLE_FLAGS)} (the random filters\' flags and '
+                     "the release's ratio for filter 5; the other filters always run).")
 
 
 def _fingerprinted(cfg: dict) -> dict:
@@ -209,52 +217,42 @@ def build_data(data_cfg, data_dir: str, progress: bool = True) -> dict:
 
 
 def _trusted_filters(p: dict) -> frozenset:
-  """The random filters whose draw p's trusted flags replace."""
+  """The filters whose verdict p's trusted flags take from the release."""
   return frozenset(clean.TRUSTABLE_FLAGS[f] for f in p.get('trusted_flags') or ())
 
 
-def _trusted_rows(p: dict, records: list[dict]) -> list:
-  """Card rows of p's trusted flags (files flagged); refuses records without the flag."""
+def _trusted_rows(p: dict, tally: dict) -> list:
+  """Card rows of p's trusted flags (files flagged: for 'ratio', those whose release ratio
+  filter 5 would drop); refuses sources that gave files without the flag."""
   flags = list(p.get('trusted_flags') or ())
   for flag in flags:
-    lacking = next((r for r in records if flag not in r.get('flags', {})), None)
-    if lacking is not None:
+    if flag in tally['lacking']:
       raise ValueError(f"Participant {p['name']!r} trusts flag {flag!r}, but source "
-                       f"{lacking['source']} gives files without it; trust flags only of "
-                       'sources in the release format, or drop trusted_flags.')
-  return [{'flag': f, 'replaces': clean.TRUSTABLE_FLAGS[f],
-           'flagged': sum(r['flags'][f] for r in records)} for f in flags]
-
-
-def _identities(records: list[dict]) -> dict:
-  """How files are named: by their path, the release's hash, or a content hash."""
-  kinds = [r.get('identity', 'path') for r in records]
-  return {k: kinds.count(k) for k in ('path', 'hash', 'content')}
+                       f"{tally['lacking'][flag]} gives files without it; trust flags only "
+                       'of sources in the release format, or drop trusted_flags.')
+  return [{'flag': f, 'replaces': clean.TRUSTABLE_FLAGS[f], 'flagged': tally['flagged'][f]}
+          for f in flags]
 
 
 def _read_and_prefilter(cfg: dict, progress: bool):
-  """Per participant: filters 1-4 survivors, and its card entry so far."""
+  """Per participant: metadata of filters 1-4 survivors, and its card entry so far."""
   across = set() if cfg['dedup_across'] else None
   kept, entries = {}, {}
   for p in cfg['participants']:
     name = p['name']
-    records, skipped = sources_lib.read_participant(name, p['sources'],
-                                                    cfg['max_file_bytes'], progress)
-    if not records:
+    valid = set(p.get('valid_sources') or ())
+    kept[name], counts, tally, skipped = streaming.catalog(
+        name, p['sources'], cfg, across, progress, p.get('trusted_flags') or (), valid)
+    if not tally['files']:
       raise EmptyParticipantError(
           f'Participant {name!r}: its sources {p["sources"]} gave no usable .py files '
           f'(skipped: {dict(skipped)}).')
-    valid = set(p.get('valid_sources') or ())
-    for r in records:
-      r['side'] = 'valid' if r['source'] in valid else 'train'
-    trusted_rows = _trusted_rows(p, records)
-    kept[name], counts = clean.pre_filter(records, across, progress, f'{name}: filtering')
+    trusted_rows = _trusted_rows(p, tally)
     entries[name] = {
         'sources': list(p['sources']), 'max_bytes': p['max_bytes'],
         'packages': sources_lib.package_versions(p['sources']),
-        'read': {'files': len(records),
-                 'bytes': sum(clean.nbytes(r['content']) for r in records)},
-        'identity': _identities(records),
+        'read': {'files': tally['files'], 'bytes': tally['bytes']},
+        'identity': {k: tally['identity'][k] for k in ('path', 'hash', 'content')},
         'skipped': dict(skipped), 'filters': counts}
     if cfg['split'] == 'given':
       entries[name]['valid_sources'] = sorted(valid)
@@ -266,46 +264,77 @@ def _read_and_prefilter(cfg: dict, progress: bool):
   return kept, entries
 
 
-def _tokenizer_corpus(cfg: dict, sides: dict, progress: bool) -> tuple[list[str], list]:
-  """Training files for the BPE: roughly what each participant will train on, capped."""
+def _tokenizer_corpus(cfg: dict, sides: dict, progress: bool):
+  """Training files for the BPE: roughly what each participant will train on, capped.
+
+  Returns (texts, trained_on, files, bytes): `texts()` streams the chosen files' contents
+  from their sources (read again), so they never sit in memory together.
+  """
   train_on, seed = cfg['tokenizer']['train_on'], cfg['seed']
   caps = {p['name']: p['max_bytes'] for p in cfg['participants']}
+  specs = {p['name']: p['sources'] for p in cfg['participants']}
   if train_on and _is_source(train_on):
-    records, _ = sources_lib.read_participant('tokenizer', [train_on],
-                                              cfg['max_file_bytes'], progress)
-    pools = {train_on: clean.pre_filter(records, None, progress)[0]}
+    specs = {'tokenizer': [train_on]}
+    pools = {train_on: ('tokenizer', streaming.catalog('tokenizer', [train_on], cfg, None,
+                                                       progress)[0])}
   else:
     names = [train_on] if train_on else list(sides)
-    pools = {n: clean.sample_bytes(sides[n]['train'],
-                                   int(caps[n] * (1 - cfg['valid_fraction'])), seed)
+    pools = {n: (n, clean.sample_bytes(sides[n]['train'],
+                                       int(caps[n] * (1 - cfg['valid_fraction']))))
              for n in names}
-  total = sum(clean.nbytes(r['content']) for rs in pools.values() for r in rs)
+  total = sum(r['nbytes'] for _, rs in pools.values() for r in rs)
   budget = cfg['tokenizer']['max_bytes']
   fraction = min(1.0, budget / total) if budget and total else 1.0
-  texts = []
-  for rs in pools.values():
-    share = int(fraction * sum(clean.nbytes(r['content']) for r in rs))
-    texts += [r['content'] for r in clean.sample_bytes(rs, share if fraction < 1 else 0, seed)]
-  return texts, sorted(pools)
+  chosen = []
+  for name, rs in pools.values():
+    share = int(fraction * sum(r['nbytes'] for r in rs))
+    chosen.append((name, sorted(clean.sample_bytes(rs, share if fraction < 1 else 0),
+                                key=lambda r: r['i'])))
+
+  def texts():
+    for name, rs in chosen:
+      for _, r in streaming.reread(name, specs[name], cfg['max_file_bytes'], rs, seed):
+        yield r['content']
+
+  return (texts, sorted(pools), sum(len(rs) for _, rs in chosen),
+          sum(r['nbytes'] for _, rs in chosen for r in rs))
 
 
-def _split_entry(records: list[dict], ids: list, blocks_NxL) -> dict:
-  h = hashlib.sha256()
-  for r in records:
-    h.update('\0'.join((r['repo'], r['path'], r['content'])).encode('utf-8') + b'\0')
+def _size(r: dict) -> tuple[int, int]:
+  """(lines, bytes) of a stored file: a kept file's metadata, or an inserted canary's."""
+  if 'content' in r:
+    return len(r['content'].splitlines()), clean.nbytes(r['content'])
+  return r['lines'], r['nbytes']
+
+
+def _split_entry(records: list[dict], ids: list, num_blocks: int) -> dict:
+  """The split's card numbers; its sha256 comes when its files are written (streaming.stored_files)."""
   copies = collections.Counter(clean.copy_bucket(r.get('copies', 1)) for r in records)
+  sizes = [_size(r) for r in records]
   return {'files': len(records), 'repos': len({r['repo'] for r in records}),
           'copies': {b: copies[b] for b in clean.COPY_BUCKETS},
-          'lines': sum(len(r['content'].splitlines()) for r in records),
-          'bytes': sum(clean.nbytes(r['content']) for r in records),
-          'tokens': blocks_lib.stream_length(ids), 'blocks': int(len(blocks_NxL)),
-          'sha256': h.hexdigest()}
+          'lines': sum(n for n, _ in sizes), 'bytes': sum(b for _, b in sizes),
+          'tokens': blocks_lib.stream_length(ids), 'blocks': num_blocks, 'sha256': None}
 
 
-def _narrow(encode, dtype: str):
-  """encode with ids in the blocks' dtype: every kept file's ids live until packing, and
-  uint16 (V <= 65536, GPT-2's 50257 included) halves them; the blocks are the same."""
-  return lambda texts: [ids.astype(dtype, copy=False) for ids in encode(texts)]
+def _write_split(cfg, out, p, side, records, ids, stats, spill, encode, tok) -> tuple:
+  """Canaries (train), blocks and provenance of one split: (card entry, TFDS files)."""
+  name, seq_len = p['name'], cfg['seq_len']
+  extra = {}
+  if side == 'train' and canaries_lib.enabled(cfg.get('canaries')):  # After every filter.
+    records, ids, extra['canaries'] = canaries_lib.insert_for_build(cfg, out, name, records,
+                                                                    ids, encode)
+  if blocks_lib.stream_length(ids) < seq_len:
+    raise EmptyParticipantError(
+        f'Participant {name!r} has no {side} blocks of {seq_len} tokens after '
+        f'cleaning ({len(records)} files left; filters 5-8: {stats}); add data, '
+        'raise its max_bytes or lower seq_len.')
+  num_blocks = blocks_lib.write_packed(blocks_lib.blocks_path(out, name, side), ids, tok[0],
+                                       seq_len, tok[1], read=spill.read)
+  # Which file each block came from: clients by repository or directory.
+  clients_lib.save_provenance(clients_lib.provenance_path(out, name, side), records, ids)
+  entry = {**stats, **_split_entry(records, ids, num_blocks)}
+  return entry, streaming.stored_files(cfg, p, records, entry), extra
 
 
 def _build(cfg: dict, out: str, progress: bool) -> dict:
@@ -313,49 +342,42 @@ def _build(cfg: dict, out: str, progress: bool) -> dict:
   sides = {n: dict(zip(SPLITS, clean.split_records(rs, cfg['split'], cfg['split_seed'],
                                                    cfg['valid_fraction'])))
            for n, rs in kept.items()}
-  texts, trained_on = [], []  # A given tokenizer folder needs no training text.
+  texts, trained_on, train_files, train_bytes = list, [], 0, 0  # A given folder: no text.
   if not cfg['tokenizer']['path']:
-    texts, trained_on = _tokenizer_corpus(cfg, sides, progress)
-  tok = tokenizer_lib.prepare_tokenizer(cfg['tokenizer'], lambda: texts,
+    texts, trained_on, train_files, train_bytes = _tokenizer_corpus(cfg, sides, progress)
+  tok = tokenizer_lib.prepare_tokenizer(cfg['tokenizer'], texts,
                                         os.path.join(out, 'tokenizer'), progress)
   eot, vocab_size = tokenizer_lib.eot_id(tok), len(tok)
   dtype = blocks_lib.block_dtype(vocab_size)
-  encode = _narrow(tokenizer_lib.make_encoder(tok), dtype)
+  encode = tokenizer_lib.make_encoder(tok)
   caps = {p['name']: p['max_bytes'] for p in cfg['participants']}
   tfds_splits = {}
-  trusted = {p['name']: _trusted_filters(p) for p in cfg['participants']}
-  for name, by_side in sides.items():
-    result, stats = clean.post_filter(by_side, encode, cfg['seed'], caps[name], progress,
-                                      f'{name}: tokenizing', trusted=trusted[name])
-    for row in entries[name].get('trusted_flags', ()):
-      row['removed'] = sum(f['before'] - f['after'] for s in stats.values()
-                           for f in s['filters'] if f['filter'] == row['replaces'])
-    entries[name]['splits'] = {}
-    for side in SPLITS:
-      records, ids = result[side]
-      if side == 'train' and canaries_lib.enabled(cfg.get('canaries')):  # After every filter.
-        records, ids, entries[name]['canaries'] = canaries_lib.insert_for_build(
-            cfg, out, name, records, ids, encode)
-      blocks_NxL = blocks_lib.pack(ids, eot, cfg['seq_len'], dtype)
-      if not len(blocks_NxL):
-        raise EmptyParticipantError(
-            f'Participant {name!r} has no {side} blocks of {cfg["seq_len"]} tokens after '
-            f'cleaning ({len(records)} files left; filters 5-8: {stats[side]}); add data, '
-            'raise its max_bytes or lower seq_len.')
-      blocks_lib.save_blocks(blocks_lib.blocks_path(out, name, side), blocks_NxL)
-      # Which file each block came from: clients by repository or directory.
-      clients_lib.save_provenance(clients_lib.provenance_path(out, name, side), records, ids)
-      tfds_splits[f'{name}_{side}'] = records
-      entries[name]['splits'][side] = {**stats[side], **_split_entry(records, ids, blocks_NxL)}
+  for p in cfg['participants']:
+    name = p['name']
+    with streaming.Spill(os.path.join(out, f'.{name}.ids'), dtype) as spill:
+      streaming.tokenize(cfg, p, sides[name], encode, spill, _trusted_filters(p), progress)
+      result, stats = clean.post_filter(sides[name], caps[name])
+      for row in entries[name].get('trusted_flags', ()):
+        row['removed'] = sum(f['before'] - f['after'] for s in stats.values()
+                             for f in s['filters'] if f['filter'] == row['replaces'])
+      entries[name]['splits'] = {}
+      for side in SPLITS:
+        records = result[side]
+        entry, tfds_splits[f'{name}_{side}'], extra = _write_split(
+            cfg, out, p, side, records, [r['ids'] for r in records], stats[side], spill,
+            encode, (eot, dtype))
+        entries[name].update(extra)
+        entries[name]['splits'][side] = entry
   tfds_builder.write_tfds(tfds_splits, os.path.join(out, 'tfds'))
+  if any(s['sha256'] is None for e in entries.values() for s in e['splits'].values()):
+    raise RuntimeError('TFDS left a split unwritten; the data folder is incomplete.')
   return {
       'build_version': BUILD_VERSION, 'pipeline': PIPELINE, 'seq_len': cfg['seq_len'],
       'vocab_size': vocab_size, 'eot_id': eot, 'block_dtype': dtype,
       'split': {k: cfg[k] for k in ('split', 'split_seed', 'valid_fraction')},
       'seed': cfg['seed'], 'dedup_across': cfg['dedup_across'],
       'tokenizer': {'path': cfg['tokenizer']['path'], 'trained_on': trained_on,
-                    'train_files': len(texts),
-                    'train_bytes': sum(clean.nbytes(t) for t in texts)},
+                    'train_files': train_files, 'train_bytes': train_bytes},
       'packages': {k: v for e in entries.values() for k, v in e['packages'].items()},
       'participants': entries,
   }
@@ -381,7 +403,7 @@ def format_card(card: dict) -> str:
       lines.append(f"files without a path, named by hash: {ident['hash']}, by content "
                    f"hash: {ident['content']}")
     for t in e.get('trusted_flags', ()):
-      lines.append(f"trusted flag {t['flag']} (instead of {t['replaces']}'s draw): "
+      lines.append(f"trusted flag {t['flag']} (stands for {t['replaces']}): "
                    f"{t['flagged']} flagged, {t.get('removed', 0)} removed")
     lines.append(f"{'filter':<18}{'before':>9}{'after':>9}")
     lines += [f"{f['filter']:<18}{f['before']:>9}{f['after']:>9}" for f in e['filters']]

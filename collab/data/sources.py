@@ -20,11 +20,12 @@ A source spec is one string:
 
 Every source yields records `{participant, repo, path, content, license}` in a
 deterministic order; jsonl records may add `copies` (int), `flags` (the release's
-cleaning flags, bool) and `identity`. A line without `path` gets a stable identity in its
+cleaning flags, bool), `ratio` (the release's characters per token, computed with the
+paper's tokenizer; float) and `identity`. A line without `path` gets a stable identity in its
 place, `hash:HASH` from the release's `hash` field, else `sha256:` + 32 hex digits of the
 content's sha256, so provenance, memorized.jsonl and tables still name one file; its
-`identity` is then 'hash' or 'content' (files with a real path have none). read_participant
-adds each record's `source` spec. Files that are binary (a NUL byte), not UTF-8, larger
+`identity` is then 'hash' or 'content' (files with a real path have none). iter_participant
+streams a participant's sources, adding each record's `source` spec. Files that are binary (a NUL byte), not UTF-8, larger
 than `max_file_bytes`, unreadable, or reached through a symlink loop are skipped and
 counted in a `collections.Counter` the caller passes in, so they end up in the data card.
 A malformed jsonl line, a Git LFS pointer in place of the data, or an empty file is a
@@ -266,8 +267,17 @@ def _flag(value, name: str, where: str) -> bool:
                     'drop the field.')
 
 
+def _ratio(value, where: str) -> float:
+  """The release's `ratio` (characters per token of the paper's tokenizer) as a float."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    raise SourceError(f'{where}: field ratio={value!r} is not a number (characters per '
+                      'token); fix the line or drop the field.')
+  return float(value)
+
+
 def _jsonl_fields(row: dict, content: str, where: str) -> dict:
-  """path (or a stable identity), copies and flags of a parsed line; other fields ignored."""
+  """path (or a stable identity), copies, flags and ratio of a parsed line; other fields
+  ignored."""
   out = {}
   if row.get('path'):
     out['path'] = row['path']
@@ -281,6 +291,8 @@ def _jsonl_fields(row: dict, content: str, where: str) -> dict:
   flags = {k: _flag(row[k], k, where) for k in RELEASE_FLAGS if row.get(k) is not None}
   if flags:
     out['flags'] = flags
+  if row.get('ratio') is not None:
+    out['ratio'] = _ratio(row['ratio'], where)
   return out
 
 
@@ -344,21 +356,29 @@ def iter_source(spec: str, participant: str, max_file_bytes: int,
       yield _record(participant, repo, path, content, license_)
 
 
-def read_participant(name: str, sources, max_file_bytes: int,
-                     progress: bool = True) -> tuple[list[dict], collections.Counter]:
-  """All records of one participant's sources, and the counts of skipped files."""
+def iter_participant(name: str, sources, max_file_bytes: int,
+                     skipped: collections.Counter) -> Iterator[dict]:
+  """Records of one participant's sources in order, each with its `source` spec; the same
+  sources give the same records in the same order, so a build may read them again."""
   if not sources:
     raise SourceError(f'Participant {name!r} has no sources; give it pkg:, stdlib, dir: '
                       'or jsonl: sources.')
-  skipped = collections.Counter({k: 0 for k in SKIP_REASONS})
-  records = []
-  bar = tqdm.tqdm(desc=f'{name}: reading', unit=' files', disable=not progress)
   for spec in sources:
     for record in iter_source(spec, name, max_file_bytes, skipped):
       record['source'] = spec  # For data.split='given' and the pathless-source check.
-      records.append(record)
-      bar.update()
-  bar.close()
+      yield record
+
+
+def new_skipped() -> collections.Counter:
+  return collections.Counter({k: 0 for k in SKIP_REASONS})
+
+
+def read_participant(name: str, sources, max_file_bytes: int,
+                     progress: bool = True) -> tuple[list[dict], collections.Counter]:
+  """All records of one participant's sources (in memory), and the counts of skipped files."""
+  skipped = new_skipped()
+  records = list(tqdm.tqdm(iter_participant(name, sources, max_file_bytes, skipped),
+                           desc=f'{name}: reading', unit=' files', disable=not progress))
   return records, skipped
 
 

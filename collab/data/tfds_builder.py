@@ -2,30 +2,34 @@
 
 One dataset, `collab_code`, with a split per participant and side, `{participant}_train`
 and `{participant}_valid`; each example is `{repo, path, content, license}` (text), in
-the order the pipeline produced them (shuffling disabled). Read back with
+the order the pipeline produced them (shuffling disabled). A split is given as records or
+as a function returning an iterable of them, so the build can stream each split's files
+from its sources instead of holding them. Read back with
 `load_split(data_dir, participant, split)`, a random-access sequence of str dicts.
 """
 
 import os
 import shutil
-from typing import Sequence
+from typing import Callable, Iterable, Sequence, Union
 
 import tensorflow_datasets as tfds
 
 FIELDS = ('repo', 'path', 'content', 'license')
 NAME = 'collab_code'
 VERSION = '1.0.0'
+# A split's records, or a function returning them (called once, when the split is written).
+Records = Union[Iterable[dict], Callable[[], Iterable[dict]]]
 
 
 class CollabCode(tfds.core.GeneratorBasedBuilder):
-  """Code files of every participant; built from records handed to the constructor."""
+  """Code files of every participant; built from the splits handed to the constructor."""
 
   VERSION = tfds.core.Version(VERSION)
   # No checksums file to look up next to this module; TFDS's lookup would otherwise need
   # the optional `importlib_resources` package for a builder defined inside a package.
   code_path = None
 
-  def __init__(self, *, splits: dict[str, list[dict]], **kwargs):
+  def __init__(self, *, splits: dict[str, Records], **kwargs):
     self._splits = splits
     super().__init__(**kwargs)
 
@@ -35,15 +39,15 @@ class CollabCode(tfds.core.GeneratorBasedBuilder):
                                  description='Cleaned Python files per participant.')
 
   def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download: the records are already in memory.
+    del dl_manager  # Nothing to download: the records come from the splits given.
     return {name: self._generate_examples(records) for name, records in self._splits.items()}
 
-  def _generate_examples(self, records):
-    for i, r in enumerate(records):
+  def _generate_examples(self, records: Records):
+    for i, r in enumerate(records() if callable(records) else records):
       yield i, {k: r[k] for k in FIELDS}
 
 
-def write_tfds(splits: dict[str, list[dict]], tfds_dir: str) -> str:
+def write_tfds(splits: dict[str, Records], tfds_dir: str) -> str:
   """Writes the dataset under `tfds_dir`; returns the folder of its version."""
   builder = CollabCode(splits=splits, data_dir=tfds_dir, file_format='array_record')
   downloads = os.path.join(tfds_dir, 'downloads')
