@@ -25,6 +25,7 @@ import numpy as np
 from bench import hlo_profile
 from bench import record
 from bench import train_step as train_bench
+from collab import host
 from configs import common
 
 FLAGS = flags.FLAGS  # --vocab, --batch, --loss_chunk: bench/train_step.py's.
@@ -53,4 +54,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host.use_hugepages()  # As the launchers: how collab runs (collab/host.py).
   app.run(main)

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from bench import record
+from collab import host
 from collab import hf
 from collab import model as model_lib
 from collab.evals import sampling
@@ -165,4 +166,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host.use_hugepages()  # As the launchers: how collab runs (collab/host.py).
   app.run(main)

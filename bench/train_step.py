@@ -2,7 +2,7 @@
 
 Both sides train the same GPT-2 (collab's initial parameters exported with
 collab.hf.export_hf and loaded by transformers' GPT2LMHeadModel, so the weights are
-identical) on the same batch, in training mode (dropout on), in the same process:
+identical) on the same batch, in training mode (dropout on):
 
   - collab: `steps.train_step` under `jax.jit` with the state donated; AdamW from
     `steps.make_optimizer` (weight decay masked off biases and LayerNorm, global-norm
@@ -11,10 +11,18 @@ identical) on the same batch, in training mode (dropout on), in the same process
     `clip_grad_norm_(1.0)`, `torch.optim.AdamW` with the same learning rate, betas, eps
     and weight decay on the same parameters (2-D ones), and the same schedule (LambdaLR).
 
-Each side first runs `warmup` untimed steps (compilation, allocator), then `rounds`
-rounds of `steps` steps that alternate which side goes first, so machine load hits both
-alike. Reported: the median step time per side, its CPU time (the process's, all
-threads) per step, and the medians of the per-round ratios by wall and by CPU time.
+Each PyTorch side runs in a process of its own (`PeerProcess`), driven step by step from
+the bench's: in one process the sides' CPU times mix (the process's clock counts every
+thread) and PyTorch's allocations leave glibc's allocator in a state that made collab's
+next steps pay 2-3x more kernel time for page faults (docs/BENCHMARKS.md). Each side
+first runs `warmup` untimed steps (compilation, allocator), then `rounds` rounds of
+`steps` steps that alternate which side goes first, so machine load hits both alike.
+Reported: the median step time per side, its CPU time (its own process's, all threads)
+per step, and the medians of the per-round ratios by wall and by CPU time. collab runs as
+its launchers do, with glibc's transparent huge pages (collab/host.py); PyTorch runs as
+it does by default, without them (with them its step took ~25% longer here).
+Switching sides costs: a side's first steps after the other ran were up to 1.5x slower
+on the 2-core machine of docs/BENCHMARKS.md, so rounds are 8 steps long.
 Before timing, the deterministic loss of both on the batch is compared (same model, same
 numbers). Also the step's model FLOP/s (`model_flops`) as a share of what a plain float32
 matrix product reaches on the same machine in the same run (`matmul_flops`), and beside
@@ -25,7 +33,7 @@ shared machine torch's OpenMP threads wait on each other when other jobs hold th
 and one thread can be several times faster than all of them, so the peer is compared at
 both and the headline is the speed-up over the faster one.
 
-  python -m bench.train_step [--sizes=tiny,small] [--batch=16] [--rounds=5] [--steps=3]
+  python -m bench.train_step [--sizes=tiny,small] [--batch=16] [--rounds=3] [--steps=8]
       [--threads=0,1] [--loss_chunk=0] [--record=docs/BENCHMARKS.md]
 
 `--loss_chunk=N` runs collab's step with `model.loss_chunk=N` (a config field that changes
@@ -37,6 +45,8 @@ import functools
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -49,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import record
+from collab import host
 from collab import hf
 from collab import model as model_lib
 from collab import steps
@@ -57,8 +68,9 @@ from configs import common
 _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Model sizes (configs/common.py).')
 _VOCAB = flags.DEFINE_integer('vocab', 8192, 'Vocabulary size (the default BPE size).')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Sequences per step (both sides).')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating timed rounds; medians are reported.')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Steps per side per round.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating timed rounds; medians are reported.')
+_STEPS = flags.DEFINE_integer('steps', 8, 'Steps per side per round (the first steps after '
+                              'the other side ran are slower; long rounds amortize it).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per side first.')
 _LOSS_CHUNK = flags.DEFINE_integer(
     'loss_chunk', 0, "collab's model.loss_chunk (0: the whole [B, L, V] logits at once, the "
@@ -67,6 +79,11 @@ _LOSS_CHUNK = flags.DEFINE_integer(
 _THREADS = flags.DEFINE_list('threads', ['0', '1'],
                              'torch thread counts, one PyTorch side each; 0: one per CPU core.')
 _RECORD = record.define_flag()
+# Set by the bench itself when it starts a PyTorch side in its own process (peer_process).
+_PEER = flags.DEFINE_string('peer', '', 'Internal: serve a PyTorch side for this HF folder.')
+_PEER_TOKENS = flags.DEFINE_string('peer_tokens', '', 'Internal: the batch, a .npy file.')
+_PEER_THREADS = flags.DEFINE_integer('peer_threads', 1, 'Internal: torch threads.')
+_REPLY = 'PEER '  # Marks the peer's protocol lines among whatever else it prints.
 
 HEADING = '## Train step (`bench/train_step.py`)'
 CPU_HEADING = '### CPU: collab against transformers + PyTorch (`make bench`)'
@@ -178,15 +195,53 @@ def _timed(fn, n) -> tuple:
 
 
 def race(sides: dict, rounds: int, steps_per_round: int, warmup: int) -> dict:
-  """{name: [(wall s per step, CPU s per step) per round]}; rounds alternate the order."""
-  for fn in sides.values():
-    fn(warmup)
+  """{name: [(wall s per step, CPU s per step) per round]}; `sides[name](n)` trains n steps
+  and returns their (wall, CPU) seconds; rounds alternate the order."""
+  for timed in sides.values():
+    timed(warmup)
   out = {name: [] for name in sides}
   for r in range(rounds):
     for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-      wall, cpu = _timed(sides[name], steps_per_round)
+      wall, cpu = sides[name](steps_per_round)
       out[name].append((wall / steps_per_round, cpu / steps_per_round))
   return out
+
+
+def serve_peer(folder: str, tokens_path: str, threads: int) -> None:
+  """The peer process: a PyTorch side that trains when told, on stdin, how many steps,
+  and answers with its own (wall, CPU) seconds, so neither side's CPU time or memory
+  allocator state is counted against the other."""
+  run, loss0 = torch_side(folder, common.train_config(), np.load(tokens_path), threads)
+  print(_REPLY + json.dumps({'loss': loss0}), flush=True)
+  for line in sys.stdin:
+    print(_REPLY + json.dumps(_timed(run, int(line))), flush=True)
+
+
+class PeerProcess:
+  """A PyTorch side in its own process (`serve_peer`); call it with n to train n steps."""
+
+  def __init__(self, folder: str, tokens_path: str, threads: int):
+    self._proc = subprocess.Popen(
+        [sys.executable, '-m', 'bench.train_step', f'--peer={folder}',
+         f'--peer_tokens={tokens_path}', f'--peer_threads={threads}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=host.without_hugepages(os.environ))  # PyTorch as it runs by default.
+    self.loss = self._reply()['loss']
+
+  def _reply(self):
+    for line in self._proc.stdout:
+      if line.startswith(_REPLY):
+        return json.loads(line[len(_REPLY):])
+    raise RuntimeError(f'The PyTorch peer exited ({self._proc.wait()}); see its errors above.')
+
+  def __call__(self, n: int) -> tuple:
+    self._proc.stdin.write(f'{n}\n')
+    self._proc.stdin.flush()
+    return tuple(self._reply())
+
+  def close(self) -> None:
+    self._proc.stdin.close()
+    self._proc.wait()
 
 
 def thread_counts() -> list:
@@ -210,12 +265,18 @@ def bench_size(size: str, threads: list) -> list:
   tokens_BxL = np.random.default_rng(0).integers(
       0, config.vocab_size, (_BATCH.value, config.max_len))
   ours, params, our_loss, _ = collab_side(config, train_cfg, tokens_BxL)
-  sides, their_loss = {'collab': ours}, None
+  sides = {'collab': functools.partial(_timed, ours)}
   with tempfile.TemporaryDirectory() as tmp:
     folder = hf.export_hf(params, config, os.path.join(tmp, 'hf'))
-    for n in threads:
-      sides[n], their_loss = torch_side(folder, train_cfg, tokens_BxL, n)
-  times = race(sides, _ROUNDS.value, _STEPS.value, _WARMUP.value)
+    np.save(os.path.join(tmp, 'tokens.npy'), tokens_BxL)
+    peers = [PeerProcess(folder, os.path.join(tmp, 'tokens.npy'), n) for n in threads]
+    try:
+      sides.update(zip(threads, peers))
+      times = race(sides, _ROUNDS.value, _STEPS.value, _WARMUP.value)
+    finally:
+      for peer in peers:
+        peer.close()
+  their_loss = peers[-1].loss
   reference = matmul_flops()  # Right after the race: the same machine load.
   tokens = _BATCH.value * config.max_len
   collab_s = statistics.median(w for w, _ in times['collab'])
@@ -273,6 +334,8 @@ def conditions(threads: list) -> str:
 
 def main(argv):
   del argv
+  if _PEER.value:
+    return serve_peer(_PEER.value, _PEER_TOKENS.value, _PEER_THREADS.value)
   threads = thread_counts()
   rows = []
   for size in _SIZES.value:
@@ -291,4 +354,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host.use_hugepages()  # As the launchers: how collab runs (collab/host.py).
   app.run(main)

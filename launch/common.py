@@ -17,6 +17,8 @@ from typing import Callable, NoReturn, Optional
 
 from absl import flags
 
+from collab import host
+
 # Libraries whose INFO lines drown the progress bars (Orbax logs every array it saves).
 _NOISY = ('/orbax/', '/tensorflow_datasets/', '/etils/')
 # What loading --config raises for bad input: a missing or unreadable file (OSError,
@@ -181,9 +183,12 @@ def _check_parsed(name: str, argv: list) -> None:
 
 
 def parse_flags(name: str) -> Callable[[list], list]:
-  """An absl `flags_parser` for app.run: bad flags or --config end as one error line."""
+  """An absl `flags_parser` for app.run: bad flags or --config end as one error line.
+
+  It first asks for transparent huge pages (collab.host.use_hugepages)."""
 
   def parse(argv: list) -> list:
+    host.use_hugepages()  # Before any work: it may start the launcher over, once.
     try:
       rest = flags.FLAGS(argv)
       _check_parsed(name, argv)
