@@ -26,7 +26,6 @@ import jax
 import numpy as np
 
 from bench import record
-from collab import host
 from collab import hf
 from collab import model as model_lib
 from collab.evals import sampling
@@ -166,5 +165,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host.use_hugepages()  # As the launchers: how collab runs (collab/host.py).
+  # No collab.host.use_hugepages(): transformers runs in this process too, and glibc's
+  # huge pages slowed PyTorch's train step by ~25% (docs/BENCHMARKS.md).
   app.run(main)
