@@ -7,14 +7,6 @@ STAMP := $(VENV)/.installed
 STUDY_WORKDIR ?= runs/default
 STUDY_CONFIG ?= configs/default.py
 PYTEST_ARGS ?=
-# glibc maps XLA's large buffers with transparent huge pages (collab/host.py: ~15% less
-# CPU time per train step); exported here so no program has to start itself over.
-# COLLAB_HUGEPAGES=0 leaves the allocator alone; a hugetlb setting of your own stands.
-ifneq ($(COLLAB_HUGEPAGES),0)
-ifeq ($(findstring glibc.malloc.hugetlb=,$(GLIBC_TUNABLES)),)
-export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
-endif
-endif
 
 .PHONY: study test bench clean-venv
 

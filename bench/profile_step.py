@@ -54,5 +54,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host.use_hugepages()  # As the launchers: how collab runs (collab/host.py).
+  host.use_hugepages()  # With COLLAB_HUGEPAGES=1, as the launchers (collab/host.py).
   app.run(main)
