@@ -50,7 +50,8 @@ def products(hlo: str) -> dict:
   """{instruction name: product} for every dot of the compiled HLO, and every fusion that
   calls a computation with one: output and operand shapes, contracting size K, FLOPs
   (2 x output elements x K), and the jax op_name."""
-  dots, calls = {}, {}
+  # Dots by instruction; a computation's (first) dot; the computation a fusion calls.
+  dots, dot_of, fusions = {}, {}, {}
   for comp, params, body in _COMPUTATION.findall(hlo):
     shapes = dict(re.findall(r'(\S+): (\w+\[[\d,]*\])', params))
     for name, shape, op, args, attrs in _INSTRUCTION.findall(body):
@@ -59,21 +60,16 @@ def products(hlo: str) -> dict:
         operands = [a.strip().lstrip('%') for a in args.split(',')]
         lhs = _dims(shapes.get(operands[0], ''))
         k = math.prod(lhs[i] for i in _contracting(attrs) if i < len(lhs))
-        out = _dims(shape)
         op_name = re.search(r'op_name="([^"]*)"', attrs)
         dots[name] = {'out': shape, 'in': [shapes.get(o, '?') for o in operands], 'k': k,
-                      'flops': 2 * math.prod(out) * k,
+                      'flops': 2 * math.prod(_dims(shape)) * k,
                       'op': op_name.group(1) if op_name else ''}
-        calls.setdefault(comp, dots[name])
+        dot_of.setdefault(comp, dots[name])
       elif op == 'fusion':
         called = re.search(r'calls=%(\S+?)[,\s]', attrs + ' ')
         if called:
-          calls[name] = called.group(1)
-  found = dict(dots)
-  for name, comp in list(calls.items()):
-    if isinstance(comp, str) and isinstance(calls.get(comp), dict):
-      found[name] = calls[comp]
-  return found
+          fusions[name] = called.group(1)
+  return {**dots, **{name: dot_of[comp] for name, comp in fusions.items() if comp in dot_of}}
 
 
 def tables(times: collections.Counter, runs: collections.Counter, prods: dict,

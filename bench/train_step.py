@@ -327,7 +327,8 @@ def conditions(threads: list) -> str:
   return (f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} '
           f'(MKL: {torch.backends.mkl.is_available()}, mkldnn: '
           f'{torch.backends.mkldnn.is_available()}), transformers {transformers.__version__}; '
-          f'float32, dropout 0.1, model.loss_chunk {_LOSS_CHUNK.value}, {_ROUNDS.value} alternating rounds of {_STEPS.value} steps '
+          f'float32, dropout 0.1, model.loss_chunk {_LOSS_CHUNK.value}, {_ROUNDS.value} '
+          f'alternating rounds of {_STEPS.value} steps '
           f'per side after {_WARMUP.value} warm-up steps; medians. Matmul reference: float32 '
           f'{MATMUL_N}^3 under jax.jit, best of 10, right after each race. '
           f'{record.machine("torch " + " and ".join(map(str, threads)) + " (one side each)")}')

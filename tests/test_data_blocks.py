@@ -138,3 +138,15 @@ def test_padded_iterator_fills_small_sources_with_zero_weight_rows():
   assert weights.all()
   with pytest.raises(ValueError, match='0 blocks'):
     blocks.BatchIterator(data[:0], 5, 0, pad=True)
+
+
+@pytest.mark.parametrize('dtype', ['uint16', 'uint32'])
+def test_write_packed_is_the_same_file_as_pack_then_save(tmp_path, dtype):
+  rng = np.random.default_rng(0)
+  ids = [rng.integers(0, 5000, n) for n in (0, 7, 30, 3, 55, 1)]
+  reference, streamed = str(tmp_path / 'a.npy'), str(tmp_path / 'b.npy')
+  blocks.save_blocks(reference, blocks.pack(ids, 9, 8, dtype))
+  # A buffer smaller than one file: several flushes, the tail cut at the last whole block.
+  assert blocks.write_packed(streamed, ids, 9, 8, dtype, chunk_tokens=5) == 102 // 8
+  with open(reference, 'rb') as a, open(streamed, 'rb') as b:
+    assert a.read() == b.read()

@@ -202,11 +202,12 @@ def test_fingerprint_changes_with_the_files(tmp_path):
   assert sources.source_fingerprint(f'dir:{tmp_path}') != before
 
 
-def test_read_participant_counts_and_requires_sources(tmp_path):
+def test_iter_participant_counts_and_requires_sources(tmp_path):
   _write(str(tmp_path / 'r' / 'a.py'), 'x = 1\n')
   _write(str(tmp_path / 'r' / 'b.py'), b'\xff\xfe')
-  records, skipped = sources.read_participant('org', [f'dir:{tmp_path}'], 0, progress=False)
+  skipped = sources.new_skipped()
+  records = list(sources.iter_participant('org', [f'dir:{tmp_path}'], 0, skipped))
   assert len(records) == 1 and skipped['non_utf8'] == 1
   assert set(sources.SKIP_REASONS) <= set(skipped)  # Every reason shows in the card.
   with pytest.raises(ValueError, match='no sources'):
-    sources.read_participant('org', [], 0)
+    list(sources.iter_participant('org', [], 0, sources.new_skipped()))

@@ -308,7 +308,8 @@ def _size(r: dict) -> tuple[int, int]:
 
 
 def _split_entry(records: list[dict], ids: list, num_blocks: int) -> dict:
-  """The split's card numbers; its sha256 comes when its files are written (streaming.stored_files)."""
+  """The split's card numbers; its sha256 comes when its files are written
+  (streaming.stored_files)."""
   copies = collections.Counter(clean.copy_bucket(r.get('copies', 1)) for r in records)
   sizes = [_size(r) for r in records]
   return {'files': len(records), 'repos': len({r['repo'] for r in records}),

@@ -25,8 +25,8 @@ paper's tokenizer; float) and `identity`. A line without `path` gets a stable id
 place, `hash:HASH` from the release's `hash` field, else `sha256:` + 32 hex digits of the
 content's sha256, so provenance, memorized.jsonl and tables still name one file; its
 `identity` is then 'hash' or 'content' (files with a real path have none). iter_participant
-streams a participant's sources, adding each record's `source` spec. Files that are binary (a NUL byte), not UTF-8, larger
-than `max_file_bytes`, unreadable, or reached through a symlink loop are skipped and
+streams a participant's sources, adding each record's `source` spec. Files that are
+binary (a NUL byte), not UTF-8, larger than `max_file_bytes`, unreadable, or reached through a symlink loop are skipped and
 counted in a `collections.Counter` the caller passes in, so they end up in the data card.
 A malformed jsonl line, a Git LFS pointer in place of the data, or an empty file is a
 one-line error naming the file (and line).
@@ -43,8 +43,6 @@ import os
 import platform
 import sysconfig
 from typing import Iterator
-
-import tqdm
 
 SKIP_REASONS = ('binary', 'non_utf8', 'oversized', 'unreadable', 'symlink_loop',
                 'symlink_duplicate')
@@ -371,15 +369,6 @@ def iter_participant(name: str, sources, max_file_bytes: int,
 
 def new_skipped() -> collections.Counter:
   return collections.Counter({k: 0 for k in SKIP_REASONS})
-
-
-def read_participant(name: str, sources, max_file_bytes: int,
-                     progress: bool = True) -> tuple[list[dict], collections.Counter]:
-  """All records of one participant's sources (in memory), and the counts of skipped files."""
-  skipped = new_skipped()
-  records = list(tqdm.tqdm(iter_participant(name, sources, max_file_bytes, skipped),
-                           desc=f'{name}: reading', unit=' files', disable=not progress))
-  return records, skipped
 
 
 def package_versions(sources) -> dict[str, str]:
