@@ -1,5 +1,5 @@
 # Every target bootstraps .venv with the machine's python3 when it is missing and
-# (re)installs the package only when setup.cfg changed: a fast no-op otherwise.
+# (re)installs only when setup.cfg or requirements.lock changed: a fast no-op otherwise.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,26 +8,46 @@ STUDY_WORKDIR ?= runs/default
 STUDY_CONFIG ?= configs/default.py
 PYTEST_ARGS ?=
 
-.PHONY: study test bench clean-venv
+.PHONY: study test bench lock clean-venv
+
+LOCK := requirements.lock
+# The PyTorch peer of the parity tests and benchmarks (not in the lock; its needs are).
+TORCH := 2.13.0
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): setup.cfg | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+# Exactly the lock (pip and setuptools included), then collab itself without dependencies.
+$(STAMP): setup.cfg $(LOCK) | $(PY)
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 study: $(STAMP)
 	$(PY) -m launch.study --config=$(STUDY_CONFIG) --workdir=$(STUDY_WORKDIR)
 
 test: $(STAMP)
+	$(PY) -m launch.check_env --lock=$(LOCK)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
 
 # torch (a CPU build) runs the PyTorch peers of train_step and sampling; a no-op when there.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet torch==2.13.0 -e '.[bench]'
+	$(PY) -m pip install --quiet -c $(LOCK) torch==$(TORCH) -e '.[bench]'
 	$(PY) -m bench.run_all
+
+# Refreshes the lock on purpose: a fresh venv resolves setup.cfg's ranges (and the test
+# extra) anew; review the diff, then `make clean-venv test` installs it.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e '.[test]' torch==$(TORCH)
+	{ echo "# Made by \`make lock\` on $$(date -u +%F) with $$(.lock-venv/bin/python -V) on $$(uname -sm)."; \
+	  echo "# Exact versions of every package \`make\` installs, and of the dependencies of the"; \
+	  echo "# PyTorch peer (torch==$(TORCH), installed by .ci/run and make bench with -c this file)."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable --exclude torch; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 clean-venv:
 	rm -rf $(VENV)
