@@ -1,6 +1,6 @@
 """PROTOCOL's five findings, each answered by a comparison with a 95% interval and a verdict.
 
-Reads results.json files only (through analysis.tables). Every interval is a percentile
+Reads results.json files only (through analysis.results). Every interval is a percentile
 bootstrap with a fixed seed, so the same results give the same bytes:
 
 - perplexity comparisons resample validation blocks (paired: both models scored the
@@ -17,6 +17,8 @@ import math
 from typing import Sequence
 
 import numpy as np
+
+from analysis import results
 
 RESAMPLES = 2000
 SEED = 1
@@ -134,8 +136,7 @@ def _cross_counts(runs) -> tuple:
 
 
 def _names(runs) -> list:
-  from analysis import tables  # tables imports this module: resolve it at call time.
-  return tables._participants(runs)
+  return results.participants(runs)
 
 
 # ---- Formatting -------------------------------------------------------------------------

@@ -10,8 +10,9 @@ exposure or membership inference in its results, and the clients table only when
 audited finer clients than the participants, and the duplication table only when a run's
 memorization has a duplication breakdown. `findings` answers PROTOCOL's five findings
 with intervals and verdicts (analysis/findings.py). Runs repeated
-over seeds (`name@seedN`) are shown as mean ± standard deviation. The same results give
-the same bytes.
+over seeds (`name@seedN`) are shown as mean ± standard deviation. Every table ends with
+the machine its results were measured on, as results.json and summary.json recorded it
+(analysis/captions.py). The same results give the same bytes, on any machine.
 """
 
 import json
@@ -24,45 +25,11 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from analysis import captions
 from analysis import findings as findings_lib
-
-
-SETTING_ORDER = ('single', 'centralized', 'federated', 'incremental')
-
-
-# ---- Reading ----------------------------------------------------------------------------
-
-def load_results(workdir: str) -> list:
-  """The study's runs' results.json (summary.json's `runs`; without one, every
-  `*/results.json` under `workdir`), sorted by setting then name. Folders of runs the
-  study no longer asks for stay on disk but out of its tables."""
-  runs = []
-  for name in load_summary(workdir).get('runs') or sorted(os.listdir(workdir)):
-    path = os.path.join(workdir, name, 'results.json')
-    if os.path.isfile(path):
-      with open(path, encoding='utf-8') as f:
-        runs.append(json.load(f))
-  if not runs:
-    raise FileNotFoundError(f'No */results.json under {workdir!r}; run the study first '
-                            '(python -m launch.study --config=... --workdir=...).')
-  rank = {s: i for i, s in enumerate(SETTING_ORDER)}
-  return sorted(runs, key=lambda r: (rank.get(r['setting'], 99), r['run']))
-
-
-def load_summary(workdir: str) -> dict:
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.isfile(path):
-    return {}
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
-
-
-def group_seeds(runs: Sequence[dict]) -> dict:
-  """Run name without its '@seedN' suffix -> the runs of that name (in seed order)."""
-  groups = {}
-  for r in runs:
-    groups.setdefault(r['run'].split('@')[0], []).append(r)
-  return groups
+# plots, launch.study and tests read results through this module's names.
+from analysis.results import group_seeds, load_results, load_summary  # noqa: F401
+from analysis.results import participants as _participants
 
 
 # ---- Formatting -------------------------------------------------------------------------
@@ -92,10 +59,13 @@ def fmt_ci(value, ci, digits: int = 1) -> str:
   return text
 
 
-def markdown(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown(title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+             caption: str = '') -> str:
+  """A titled Markdown table; `caption` (e.g. where it was measured) goes under it."""
   lines = [f'### {title}', '', '| ' + ' | '.join(header) + ' |',
            '|' + '|'.join('---' for _ in header) + '|']
   lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  lines += ['', caption] if caption else []
   return '\n'.join(lines) + '\n'
 
 
@@ -106,9 +76,12 @@ def _tex_escape(s: str) -> str:
   return s
 
 
-def latex(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def latex(title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+          caption: str = '') -> str:
+  """A booktabs table; its \\caption is the title, then `caption` as a second sentence."""
   cols = 'l' + 'r' * (len(header) - 1)
-  lines = [r'\begin{table}[t]', r'\centering', rf'\caption{{{_tex_escape(title)}}}',
+  text = f"{title.rstrip('.')}. {caption}" if caption else title
+  lines = [r'\begin{table}[t]', r'\centering', rf'\caption{{{_tex_escape(text)}}}',
            rf'\begin{{tabular}}{{{cols}}}', r'\toprule',
            ' & '.join(_tex_escape(h) for h in header) + r' \\', r'\midrule']
   lines += [' & '.join(_tex_escape(c) for c in r) + r' \\' for r in rows]
@@ -117,16 +90,6 @@ def latex(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> s
 
 
 # ---- Tables -----------------------------------------------------------------------------
-
-def _participants(runs: Sequence[dict]) -> list:
-  """Every participant any run evaluated, in first-seen order."""
-  seen = []
-  for r in runs:
-    for p in r.get('perplexity', {}):
-      if p != 'pooled' and p not in seen:
-        seen.append(p)
-  return seen
-
 
 def _ks(runs: Sequence[dict]) -> list:
   ks = set()
@@ -441,15 +404,18 @@ def write_tables(workdir: str, out_dir: str | None = None) -> str:
   from collab import io  # Atomic file writes only; analysis imports no training code.
   out_dir = out_dir or os.path.join(workdir, 'tables')
   runs = load_results(workdir)
-  tables = all_tables(runs, load_summary(workdir))
+  summary = load_summary(workdir)
+  tables = all_tables(runs, summary)
   trajectory = trajectories(workdir, runs)
   if trajectory[2]:
     tables['trajectories'] = trajectory
+  caption = captions.machine_caption(runs, summary)
   text = []
   for name, (title, header, rows) in tables.items():
-    md = markdown(title, header, rows)
+    md = markdown(title, header, rows, caption)
     io.atomic_write_text(os.path.join(out_dir, f'{name}.md'), md)
-    io.atomic_write_text(os.path.join(out_dir, f'{name}.tex'), latex(title, header, rows))
+    io.atomic_write_text(os.path.join(out_dir, f'{name}.tex'),
+                         latex(title, header, rows, caption))
     text.append(md)
   return '\n'.join(text)
 

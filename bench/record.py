@@ -15,6 +15,7 @@ import platform
 from absl import flags
 
 from collab import io
+from collab import provenance
 
 DEFAULT_PATH = 'docs/BENCHMARKS.md'
 
@@ -84,16 +85,9 @@ def replace_section(path: str, heading: str, text: str, parent: str = '') -> Non
   io.atomic_write_text(path, '\n'.join(lines).rstrip('\n') + '\n')
 
 
-def cpu_model() -> str:
-  """The processor's name from /proc/cpuinfo (Linux), else platform's guess."""
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+# collab.provenance records the same machine into results.json; bench keeps its names.
+cpu_model = provenance.cpu_model
+usable_cores = provenance.usable_cores
 
 
 def stamp() -> str:
@@ -120,14 +114,6 @@ def vector_flags() -> list:
   except OSError:
     pass
   return []
-
-
-def usable_cores() -> int:
-  """Cores this process may run on (its affinity mask), else os.cpu_count()."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except (AttributeError, OSError):
-    return os.cpu_count() or 1
 
 
 def machine(threads: str = '') -> str:

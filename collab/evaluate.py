@@ -19,6 +19,7 @@ import numpy as np
 
 from collab import hf
 from collab import io
+from collab import provenance
 from collab.data import blocks as blocks_lib
 from collab.data import canaries as canaries_lib
 from collab.data import tokenizer as tokenizer_lib
@@ -287,6 +288,8 @@ def evaluate_run(config, workdir: str) -> dict:
       config, workdir, tokenizer, score, min(int(manifest['seq_len']), model_config.max_len)))
   results['evaluate_seconds_by_part'] = seconds  # Cached parts take ~0 s.
   results['evaluate_seconds'] = time.time() - start
+  # The machine that evaluated (and trained, unless the run folder moved between them).
+  results['machine'] = provenance.machine()
   io.atomic_write_json(os.path.join(workdir, RESULTS_JSON), results)
   io.atomic_write_text(os.path.join(workdir, RESULTS_JSON + '.key'), results_key(config, workdir))
   return results

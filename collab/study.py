@@ -12,7 +12,6 @@ interrupted anywhere resumes, and a finished one re-prints its tables in seconds
 
 import itertools
 import os
-import platform
 import time
 from typing import NamedTuple
 
@@ -21,6 +20,7 @@ from tqdm import auto as tqdm
 
 from collab import evaluate
 from collab import io
+from collab import provenance
 from collab import train as train_lib
 from collab.data import blocks as blocks_lib
 from collab.data import build
@@ -164,14 +164,16 @@ def run_study(config, workdir: str) -> dict:
           'files', 'lines', 'tokens', 'blocks')} for split in ('train', 'valid')}
           for p in run.participant_names(config)},
       'crossorg': _crossorg(config, data_dir),
-      'machine': {'platform': platform.platform(), 'processor': platform.processor(),
-                  'cpus': os.cpu_count()},
   }
   previous = os.path.join(workdir, SUMMARY_JSON)
   # Time over the invocations that trained or evaluated something: a rerun that only
   # reads finished runs leaves it (and the summary) as it was.
   stored = io.read_json(previous) if os.path.isfile(previous) else {}
   before = stored.get('wall_seconds')
+  # The machine of the last invocation that did work, like the time: a rerun elsewhere
+  # that only reads finished runs must not claim them.
+  summary['machine'] = (provenance.machine() if worked or before is None
+                        else stored.get('machine'))
   summary['wall_seconds'] = ((before or 0.0) + time.time() - start if worked or before is None
                              else before)
   if worked or before is None:  # The data build of the invocation that did the work.

@@ -92,3 +92,49 @@ def test_gpu_check_runs_its_cpu_variants_so_a_device_session_needs_no_fixing(tmp
   ran = {n: v for n, v in variants.items() if 'skipped' not in v}
   assert len(ran) == 2 and all(v['finite'] and v['tokens_per_s'] > 0 for v in ran.values())
   assert all('NVIDIA GPU' in v['skipped'] for n, v in variants.items() if n not in ran)
+
+
+def _recorded_sections() -> list:
+  """(bench, heading, parent) of every record.replace_section call in bench/*.py, with
+  module-level string constants resolved (read from the source: no bench is imported)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  calls = []
+  for path in sorted(glob.glob(os.path.join(run_all.ROOT, 'bench', '*.py'))):
+    with open(path, encoding='utf-8') as f:
+      tree = ast.parse(f.read())
+    names = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+             and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)}
+    value = lambda node: node.value if isinstance(node, ast.Constant) else names[node.id]
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == 'replace_section'
+          and getattr(node.func.value, 'id', '') == 'record'):
+        parent = [value(k.value) for k in node.keywords if k.arg == 'parent']
+        calls.append((os.path.basename(path), value(node.args[1]), parent[0] if parent else ''))
+  return calls
+
+
+def test_every_recorded_section_exists_once_in_the_benchmarks_file(tmp_path):
+  """A bench's --record rewrites its section in place: no heading drifts out of the file."""
+  import os  # pylint: disable=g-import-not-at-top
+  doc = os.path.join(run_all.ROOT, record.DEFAULT_PATH)
+  text = open(doc, encoding='utf-8').read()
+  lines = text.splitlines()
+  calls = _recorded_sections()
+  assert {c[0] for c in calls} >= {'train_step.py', 'sampling.py', 'many_clients.py',
+                                   'data_build.py'}
+  for bench, heading, parent in calls:
+    assert lines.count(heading) == 1, (bench, heading)
+    if parent:
+      start = lines.index(parent)
+      assert start < lines.index(heading) < record._section_end(lines, start), bench
+    copy = _write(tmp_path, text)
+    record.replace_section(copy, heading, 'new figures', parent=parent)
+    after = open(copy).read().splitlines()
+    headings = lambda ls: [x for x in ls if record._level(x)]
+    assert headings(after) == headings(lines), bench  # Rewritten in place, nothing added.
+    assert 'new figures' in after
+    assert after[:after.index('## Default study (`make study`)')] == lines[
+        :lines.index('## Default study (`make study`)')]  # The summary table is kept.

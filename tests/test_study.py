@@ -90,6 +90,24 @@ def test_rerun_is_a_no_op_and_tables_are_byte_identical(finished):
     assert os.path.getmtime(os.path.join(workdir, n, 'results.json')) == t
 
 
+def test_results_and_summary_record_the_machine_the_tables_name(finished, monkeypatch):
+  from analysis import captions  # pylint: disable=g-import-not-at-top
+  from collab import provenance  # pylint: disable=g-import-not-at-top
+  config, workdir, summary = finished
+  here = provenance.machine()
+  assert summary['machine'] == here and here['cpu'] and here['jaxlib']
+  for name in summary['runs']:
+    with open(os.path.join(workdir, name, 'results.json'), encoding='utf-8') as f:
+      assert json.load(f)['machine'] == here
+  text = tables.write_tables(workdir)
+  assert f'Measured on {captions.describe(here)}.' in text
+  assert here['cpu'] in open(os.path.join(workdir, 'tables', 'findings.tex')).read()
+  # Another machine that only re-reads the finished runs claims none of them.
+  monkeypatch.setattr(provenance, 'machine', lambda environ=None: {**here, 'cpu': 'Other'})
+  assert study.run_study(config, workdir)['machine'] == here
+  assert tables.write_tables(workdir) == text
+
+
 def test_a_changed_config_is_not_served_from_old_runs(finished):
   config, workdir, _ = finished
   changed = config.copy_and_resolve_references()
