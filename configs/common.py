@@ -16,24 +16,18 @@ MODEL_SIZES = {
     'gpt2-medium': (24, 16, 1024, 1024),  # 355M at the GPT-2 vocabulary.
 }
 
-# Default participants: three real organizations whose code ships with collab's own
-# dependencies, so the default study runs offline right after `pip install`. They share
-# code as GitHub organizations do, through vendoring: pip (PyPA) vendors requests (PSF)
-# and rich (Textualize) and tomli, which the standard library took in as tomllib. Each
-# contributes a few documented modules (small enough to be memorized on 2 CPU cores),
-# among them the copies it shares; `pkg:NAME/PREFIX` reads one path of a distribution.
+# Default participants: three real organizations, each a few documented modules of its
+# code (small enough to be memorized on 2 CPU cores). They share code as GitHub
+# organizations do, through vendoring: pip (PyPA) vendors requests (PSF) and rich
+# (Textualize) and tomli, which the standard library took in as tomllib. The files ship
+# with the repository (configs/corpus/default: copies of pinned releases with their
+# licences, checked against MANIFEST.json on every read), so the study's data is the same
+# on any machine whatever is installed; configs/corpus/vendor.py lists the `pkg:`/`stdlib:`
+# specs they were copied from and refreshes them on purpose.
 DEFAULT_PARTICIPANTS = {
-    'psf': ('pkg:requests/requests/api.py', 'pkg:requests/requests/hooks.py',
-            'pkg:requests/requests/_internal_utils.py', 'pkg:requests/requests/structures.py',
-            'pkg:requests/requests/exceptions.py', 'pkg:requests/requests/help.py',
-            'stdlib:tomllib/_re.py'),
-    'pypa': ('pkg:pip/pip/_vendor/requests/api.py', 'pkg:pip/pip/_vendor/requests/hooks.py',
-             'pkg:pip/pip/_vendor/tomli/_re.py', 'pkg:pip/pip/_vendor/rich/control.py',
-             'pkg:packaging/packaging/_tokenizer.py', 'pkg:packaging/packaging/errors.py'),
-    'textualize': ('pkg:rich/rich/control.py', 'pkg:rich/rich/measure.py',
-                   'pkg:rich/rich/_loop.py', 'pkg:rich/rich/color_triplet.py',
-                   'pkg:rich/rich/theme.py', 'pkg:rich/rich/containers.py',
-                   'pkg:rich/rich/padding.py'),
+    'psf': ('corpus:default/psf',),
+    'pypa': ('corpus:default/pypa',),
+    'textualize': ('corpus:default/textualize',),
 }
 
 # Larger organizations (whole installed packages), for studies that need many files or
@@ -84,7 +78,8 @@ def participant(name: str, sources, max_bytes: int = 0) -> ml_collections.Config
   """One organization: a name and the sources its code comes from."""
   c = ml_collections.ConfigDict()
   c.name = name  # Unique name; used in split names and tables.
-  c.sources = tuple(sources)  # 'pkg:NAME', 'stdlib', 'dir:PATH' or 'jsonl:PATH'.
+  # 'corpus:NAME/ORG', 'pkg:NAME', 'stdlib', 'dir:PATH' or 'jsonl:PATH' (sources.py).
+  c.sources = tuple(sources)
   c.max_bytes = max_bytes  # Cap on cleaned bytes (deterministic subsample); 0: none.
   # With data.split='given': the sources (also in `sources`) that are its validation side.
   c.valid_sources = ()

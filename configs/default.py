@@ -2,13 +2,15 @@
 
 PSF (requests, the standard library), PyPA (pip's vendored requests, tomli and rich, and
 packaging) and Textualize (rich) each contribute a few documented modules of their real
-code, which ships with collab's own dependencies, so this runs offline right after
-install (configs/common.py DEFAULT_PARTICIPANTS). The copies they share are real
-cross-organization clones. Every setting of PROTOCOL.md is run (single x3, centralized,
-federated FedAvg, incremental in all 6 orders) with PROTOCOL's recipe scaled down: a
-0.7M-parameter GPT-2 (2048-token vocabulary), no dropout, and many passes over little
-data. That is the memorization regime at this scale: models trained far past their best
-validation perplexity (README says where it was best), not the paper's 10 epochs.
+code. The 20 files ship with the repository (configs/corpus/default: copies of pinned
+releases with their licences; configs/common.py DEFAULT_PARTICIPANTS), so this runs
+offline and builds the same data whatever versions are installed. The copies they share
+are real cross-organization clones. Every setting of PROTOCOL.md is run (single x3,
+centralized, federated FedAvg, incremental in all 6 orders) with PROTOCOL's recipe
+scaled down: a 0.7M-parameter GPT-2 (2048-token vocabulary), no dropout, and many passes
+over little data. That is the memorization regime at this scale: models trained far past
+their best validation perplexity (README says where it was best), not the paper's 10
+epochs.
 
   python -m launch.study --config=configs/default.py --workdir=runs/default
 """

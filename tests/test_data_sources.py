@@ -2,13 +2,18 @@
 
 import collections
 import gzip
+import hashlib
 import importlib.metadata
 import json
 import os
+import platform
 
 import pytest
 
+from collab.data import build
+from collab.data import corpus
 from collab.data import sources
+from tests import conftest
 
 
 def _read(spec, max_file_bytes=1_000_000):
@@ -211,3 +216,36 @@ def test_iter_participant_counts_and_requires_sources(tmp_path):
   assert set(sources.SKIP_REASONS) <= set(skipped)  # Every reason shows in the card.
   with pytest.raises(ValueError, match='no sources'):
     list(sources.iter_participant('org', [], 0, sources.new_skipped()))
+
+
+def test_every_package_read_has_its_version_in_the_card(tmp_path):
+  """Participants' pkg:NAME/PREFIX sources and a tokenizer trained on a pkg: source alone."""
+  version = importlib.metadata.version('ml-collections')
+  assert sources.package_versions(['pkg:ml-collections/ml_collections/config_dict',
+                                   'stdlib:json']) == {'ml-collections': version,
+                                                       'python': platform.python_version()}
+  cfg = conftest.tiny_data_config(str(tmp_path), names=('a', 'b'))
+  cfg.tokenizer.vocab_size = 1000  # Trained on other code: enough tokens to keep the files.
+  cfg.tokenizer.train_on = 'pkg:ml-collections/ml_collections/config_dict'
+  card = build.build_data(cfg, str(tmp_path / 'data'), progress=False)
+  assert card['packages'] == {'ml-collections': version}
+  assert card['participants']['a']['packages'] == {}
+
+
+def test_corpus_source_reads_the_manifest_in_order(tmp_path):
+  stored = tmp_path / 'c' / 'third_party' / 'p-1' / 'p'
+  stored.mkdir(parents=True)
+  files = []
+  for name, text in (('b.py', 'b = 1\n'), ('a.py', 'a = 2\n'), ('big.py', 'x = 3\n' * 50)):
+    (stored / name).write_text(text)
+    files.append({'organization': 'org', 'package': 'p', 'version': '1',
+                  'file': f'third_party/p-1/p/{name}', 'repo': 'p==1', 'path': f'p/{name}',
+                  'license': 'MIT', 'sha256': hashlib.sha256(text.encode()).hexdigest()})
+  (tmp_path / 'c' / 'MANIFEST.json').write_text(json.dumps({'files': files}))
+  records, skipped = _read(f'corpus:{tmp_path}/c/org', max_file_bytes=100)
+  assert [(r['repo'], r['path'], r['license']) for r in records] == [
+      ('p==1', 'p/b.py', 'MIT'), ('p==1', 'p/a.py', 'MIT')]
+  assert skipped['oversized'] == 1
+  assert sources.package_versions([f'corpus:{tmp_path}/c']) == {'p': '1'}
+  assert sources.corpus_fingerprints([f'corpus:{tmp_path}/c', 'stdlib']) == {
+      f'corpus:{tmp_path}/c': corpus.fingerprint(files)}

@@ -75,7 +75,8 @@ def _plain(obj):
 
 
 def _is_source(spec: str) -> bool:
-  return spec == 'stdlib' or spec.partition(':')[0] in ('pkg', 'dir', 'jsonl', 'stdlib')
+  return spec == 'stdlib' or spec.partition(':')[0] in ('pkg', 'dir', 'jsonl', 'stdlib',
+                                                       'corpus')
 
 
 def validate(cfg: dict) -> None:
@@ -254,6 +255,9 @@ def _read_and_prefilter(cfg: dict, progress: bool):
         'read': {'files': tally['files'], 'bytes': tally['bytes']},
         'identity': {k: tally['identity'][k] for k in ('path', 'hash', 'content')},
         'skipped': dict(skipped), 'filters': counts}
+    corpus = sources_lib.corpus_fingerprints(p['sources'])
+    if corpus:  # Shipped corpora: the content read, as MANIFEST.json names it.
+      entries[name]['corpus'] = corpus
     if cfg['split'] == 'given':
       entries[name]['valid_sources'] = sorted(valid)
     if trusted_rows:
@@ -379,7 +383,9 @@ def _build(cfg: dict, out: str, progress: bool) -> dict:
       'seed': cfg['seed'], 'dedup_across': cfg['dedup_across'],
       'tokenizer': {'path': cfg['tokenizer']['path'], 'trained_on': trained_on,
                     'train_files': train_files, 'train_bytes': train_bytes},
-      'packages': {k: v for e in entries.values() for k, v in e['packages'].items()},
+      # Also those of a source the tokenizer alone was trained on (tokenizer.train_on).
+      'packages': {**{k: v for e in entries.values() for k, v in e['packages'].items()},
+                   **sources_lib.package_versions([s for s in trained_on if _is_source(s)])},
       'participants': entries,
   }
 

@@ -1,4 +1,4 @@
-"""Where each participant's code comes from: installed packages, the stdlib, folders, JSON lines.
+"""Where each participant's code comes from: packages, the stdlib, corpora, folders, JSON lines.
 
 A source spec is one string:
   `pkg:NAME`    the `.py` files of an installed distribution (importlib.metadata);
@@ -8,6 +8,10 @@ A source spec is one string:
   `stdlib`      the standard library's `.py` files (site-/dist-packages excluded);
                 repo = "stdlib/<first-level package>" ("stdlib" for top-level modules).
   `stdlib:PREFIX`  only the standard library's files under PREFIX (e.g. `stdlib:tomllib`).
+  `corpus:NAME[/ORGANIZATION]`  a corpus shipped with the repository (configs/corpus/NAME,
+                or an absolute path), the files its manifest lists for ORGANIZATION, each
+                checked against its sha256, with the repo, path and license the manifest
+                gives (collab/data/corpus.py).
   `dir:PATH`    every `.py` file under a folder; repo = the first-level subfolder, so a
                 folder of cloned repositories just works.
   `jsonl:PATH`  JSON lines, gzipped or plain, one object per line with `repo_name` and
@@ -44,6 +48,8 @@ import platform
 import sysconfig
 from typing import Iterator
 
+from collab.data import corpus as corpus_lib
+
 SKIP_REASONS = ('binary', 'non_utf8', 'oversized', 'unreadable', 'symlink_loop',
                 'symlink_duplicate')
 _JSONL_REQUIRED = ('repo_name', 'content')
@@ -67,9 +73,9 @@ def parse_source(spec: str) -> tuple[str, str]:
   if spec == 'stdlib':
     return 'stdlib', ''
   kind, sep, arg = spec.partition(':')
-  if not sep or kind not in ('pkg', 'dir', 'jsonl', 'stdlib') or not arg:
+  if not sep or kind not in ('pkg', 'dir', 'jsonl', 'stdlib', 'corpus') or not arg:
     raise SourceError(f'Unknown source {spec!r}: use pkg:NAME[/PREFIX], stdlib[:PREFIX], '
-                      'dir:PATH or jsonl:PATH.')
+                      'corpus:NAME[/ORGANIZATION], dir:PATH or jsonl:PATH.')
   return kind, arg
 
 
@@ -332,13 +338,27 @@ def _record(participant, repo, path, content, license_) -> dict:
           'license': license_}
 
 
-def _file_list(spec: str, skipped):
+def source_files(spec: str, skipped) -> Iterator[tuple[str, str, str, str]]:
+  """(absolute path, repo, path, license) of each file a pkg:, stdlib or dir: source
+  reads, in order (configs/corpus/vendor.py copies them)."""
   kind, arg = parse_source(spec)
   if kind == 'pkg':
     return _pkg_files(arg)
   if kind == 'stdlib':
     return _stdlib_files(skipped, arg)
   return _dir_files(arg, skipped)
+
+
+def _iter_corpus(arg: str, participant: str, max_file_bytes: int, skipped):
+  folder, files = corpus_lib.entries(arg)
+  for e in files:
+    data = corpus_lib.read(folder, e)  # Checked against the manifest: never drifts.
+    if max_file_bytes and len(data) > max_file_bytes:
+      skipped['oversized'] += 1
+      continue
+    content = _decode(data, skipped)
+    if content is not None:
+      yield _record(participant, e['repo'], e['path'], content, e['license'])
 
 
 def iter_source(spec: str, participant: str, max_file_bytes: int,
@@ -348,7 +368,10 @@ def iter_source(spec: str, participant: str, max_file_bytes: int,
   if kind == 'jsonl':
     yield from _iter_jsonl(arg, participant, max_file_bytes, skipped)
     return
-  for full, repo, path, license_ in _file_list(spec, skipped):
+  if kind == 'corpus':
+    yield from _iter_corpus(arg, participant, max_file_bytes, skipped)
+    return
+  for full, repo, path, license_ in source_files(spec, skipped):
     content = _read_text(full, max_file_bytes, skipped)
     if content is not None:
       yield _record(participant, repo, path, content, license_)
@@ -372,11 +395,14 @@ def new_skipped() -> collections.Counter:
 
 
 def package_versions(sources) -> dict[str, str]:
-  """Versions of the installed packages (and Python, for stdlib) a participant reads."""
+  """Versions of the packages (and Python, for stdlib) a participant reads: installed, or
+  those a shipped corpus was copied from."""
   versions = {}
   for spec in sources:
     kind, arg = parse_source(spec)
-    if kind == 'pkg':
+    if kind == 'corpus':
+      versions.update(corpus_lib.versions(corpus_lib.entries(arg)[1]))
+    elif kind == 'pkg':
       name = arg.partition('/')[0]
       versions[name] = _distribution(name).version
     elif kind == 'stdlib':
@@ -384,15 +410,25 @@ def package_versions(sources) -> dict[str, str]:
   return versions
 
 
+def corpus_fingerprints(sources) -> dict[str, str]:
+  """spec -> content fingerprint (corpus.fingerprint) of each shipped-corpus source."""
+  return {spec: corpus_lib.fingerprint(corpus_lib.entries(spec.partition(':')[2])[1])
+          for spec in sources if parse_source(spec)[0] == 'corpus'}
+
+
 def source_fingerprint(spec: str) -> str:
   """sha256 of what a source would read (names, sizes, mtimes): cheap change detection."""
   h = hashlib.sha256(spec.encode())
   kind, arg = parse_source(spec)
-  if kind == 'jsonl':
+  if kind == 'corpus':  # Its manifest names every file's content (checked on each read).
+    with open(os.path.join(corpus_lib.locate(arg)[0], corpus_lib.MANIFEST), 'rb') as f:
+      h.update(hashlib.sha256(f.read()).digest())
+    listing = []
+  elif kind == 'jsonl':
     listing = [(p, '') for p in _jsonl_paths(arg)]
   else:
     listing = [(full, repo + '/' + path) for full, repo, path, _ in
-               _file_list(spec, collections.Counter())]
+               source_files(spec, collections.Counter())]
   h.update(json.dumps(package_versions([spec]), sort_keys=True).encode())
   for full, name in listing:
     try:
