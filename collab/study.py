@@ -20,6 +20,7 @@ from tqdm import auto as tqdm
 
 from collab import evaluate
 from collab import io
+from collab import lock
 from collab import provenance
 from collab import train as train_lib
 from collab.data import blocks as blocks_lib
@@ -142,6 +143,7 @@ def _crossorg(config, data_dir: str) -> dict | None:
                                        int(mem.min_lines), int(mem.clone_type))
 
 
+@lock.holding_workdir  # One process per study folder; its runs lock their own folders.
 def run_study(config, workdir: str) -> dict:
   """Builds the data, runs every missing run, and writes summary.json."""
   start = time.time()
