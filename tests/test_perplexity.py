@@ -100,3 +100,18 @@ def test_block_losses_are_each_blocks_mean_loss(model_and_params, blocks):
                               progress=False)
     np.testing.assert_allclose(one[name]['block_losses'][0], losses[1], rtol=1e-5)
   assert 'block_losses' not in got['pooled']
+
+
+def test_evaluating_again_reuses_the_compiled_step(model_and_params, blocks, monkeypatch):
+  """A run validates every few steps: an equal model must not trace the step again."""
+  model, params = model_and_params
+  original, traces = perplexity.row_sums, []
+
+  def counted(params, batch, *, model):
+    traces.append(1)
+    return original(params, batch, model=model)
+  monkeypatch.setattr(perplexity, 'row_sums', counted)
+  first = perplexity.evaluate(params, model, blocks, 4, progress=False)
+  again = perplexity.evaluate(params, model_lib.GPT2(model.config), blocks, 4, progress=False)
+  assert len(traces) == 1
+  assert first == again

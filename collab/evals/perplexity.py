@@ -9,7 +9,6 @@ loss of every block (`block_losses`, in block order): analysis bootstraps over b
 for intervals on perplexity differences (analysis/findings.py).
 """
 
-import functools
 from typing import Mapping, Optional
 
 from absl import logging
@@ -87,8 +86,7 @@ def evaluate(params, model: nn.Module, blocks_by_participant: Mapping[str, np.nd
   shards = parallel.data_parallel_size(parallel.batch_sharding(mesh, rules))
   batch_size = -(-batch_size // shards) * shards
   params = sampling.place_params(params, mesh)
-  step = parallel.jit_eval_step(functools.partial(row_sums, model=model),
-                                parallel.shardings_of(params), mesh, rules)
+  step = parallel.model_eval_step(row_sums, model, parallel.shardings_of(params), mesh, rules)
   total = sum(-(-len(b) // batch_size) for b in blocks_by_participant.values())
   results, pooled_sum, pooled_tokens = {}, 0.0, 0
   with tqdm.tqdm(total=total, unit='batch', desc='perplexity', disable=not progress) as bar:

@@ -9,7 +9,6 @@ right padding never changes the log-probabilities of the real tokens. Batches ar
 over the mesh's data axis like evaluation batches (collab.parallel.jit_eval_step).
 """
 
-import functools
 from typing import Callable, Sequence
 
 import jax.numpy as jnp
@@ -47,9 +46,8 @@ def make_scorer(params, model_config, batch_size: int, *, mesh=None, rules=(),
   shards = parallel.data_parallel_size(parallel.batch_sharding(mesh, rules))
   rows = -(-batch_size // shards) * shards
   params = sampling.place_params(params, mesh)
-  step = parallel.jit_eval_step(
-      functools.partial(token_logprobs, model=GPT2(model_config)),
-      parallel.shardings_of(params), mesh, rules)
+  step = parallel.model_eval_step(token_logprobs, GPT2(model_config),
+                                 parallel.shardings_of(params), mesh, rules)
   max_len = model_config.max_len
 
   def score(sequences: Sequence[Sequence[int]]) -> list:
