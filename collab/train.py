@@ -1,12 +1,26 @@
 """One entry for every setting: `train(config, workdir)` runs the configured setting."""
 
+import jax
+
+from collab import io
+from collab import lock
 from collab.settings import centralized
 from collab.settings import run
 
 
 def train(config, workdir: str) -> dict:
-  """Trains config.setting in `workdir` (resuming what is there); returns its summary."""
+  """Trains config.setting in `workdir` (resuming what is there); returns its summary.
+
+  Holds the workdir's lock (collab/lock.py) throughout: a second process on the same
+  workdir stops at once with lock.WorkdirBusyError. A write that finds the disk full
+  (checkpoints, exports, logs) ends as io.DiskFullError.
+  """
   run.check_config(config)
+  with lock.hold(workdir, jax.process_index()), io.disk_full_as_error(workdir):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
   if config.setting in ('single', 'centralized'):
     return centralized.train(config, workdir)
   if config.setting == 'federated':

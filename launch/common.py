@@ -42,9 +42,37 @@ class _DropLibraryInfo(py_logging.Filter):
         str(record.msg).startswith(e) for e in _EXPECTED)
 
 
+class _DropDiskFullNoise(py_logging.Filter):
+  """Drops libraries' own reports of a full disk (Orbax logs each failed background write
+  with its traceback, asyncio each unread task): collab.io.DiskFullError says it in one line."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    from collab import io  # Lazy: launchers import collab after their flags.
+    if not any(n in record.pathname for n in _NOISY + ('/asyncio/',)):
+      return True
+    return not (io.disk_full_why(record.getMessage())
+                or (record.exc_info and io.disk_full_why(record.exc_info[1])))
+
+
+def _drop_closed_loop(previous: Callable) -> Callable:
+  """An unraisable hook without 'Event loop is closed': after a failed Orbax save or
+  restore, each of tensorstore's pending callbacks prints one, dozens in all, while the
+  failure itself is reported once."""
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+  return hook
+
+
 def quiet_libraries() -> None:
-  """Keeps WARNING and above from libraries, and everything from collab."""
+  """Keeps WARNING and above from libraries, and everything from collab; a full disk and
+  a failed Orbax read or write are reported once, by collab."""
   py_logging.getLogger('absl').addFilter(_DropLibraryInfo())
+  for name in ('absl', 'asyncio'):
+    py_logging.getLogger(name).addFilter(_DropDiskFullNoise())
+  sys.unraisablehook = _drop_closed_loop(sys.unraisablehook)
 
 
 def compilation_cache() -> None:
@@ -202,13 +230,17 @@ def parse_flags(name: str) -> Callable[[list], list]:
 
 
 def run_or_exit(name: str, fn: Callable[[], object]):
-  """Calls fn(); a bad-input error becomes 'NAME: error: ...' and exit status 1."""
-  from collab.evals import sandbox  # Lazy: launchers import collab after their flags.
+  """Calls fn(); a bad-input error becomes 'NAME: error: ...' and exit status 1, and so do
+  a full disk (collab.io.DiskFullError) and a workdir another process is using."""
+  from collab import io  # Lazy: launchers import collab after their flags.
+  from collab import lock
+  from collab.evals import sandbox
   quiet_libraries()
   compilation_cache()
   try:
     return fn()
-  except (ValueError, FileNotFoundError, sandbox.SandboxUnavailableError) as e:
+  except (ValueError, FileNotFoundError, sandbox.SandboxUnavailableError, io.DiskFullError,
+          lock.WorkdirBusyError) as e:
     fail(name, e)
   except (FileExistsError, NotADirectoryError) as e:
     fail(name, f'{e}; a folder of this run (--workdir, --data_dir, config.data.data_dir) '
