@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from typing import Any, Callable, Iterator
 
@@ -226,6 +227,24 @@ def _append(path: str, data: bytes) -> None:
     os.close(fd)
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported (lazily: only runs that log pay) without torch.
+
+  tensorboardX imports torch when it is installed, only to accept torch tensors; collab
+  logs Python floats, and the import costs 2-8 s in every training process (tests and
+  `make bench` install torch beside collab).
+  """
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError while this stands.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to metrics.jsonl, and to TensorBoard.
 
@@ -238,8 +257,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # Lazy: only runs that log pay for it.
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = _summary_writer()(os.path.join(workdir, 'tensorboard'))
 
   def truncate_after(self, step: int, key: str = 'step') -> None:
     """Drops lines logged after `step` (they belong to work the resume will redo)."""
