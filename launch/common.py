@@ -84,7 +84,10 @@ def compilation_cache() -> None:
   folder = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
       os.path.expanduser('~'), '.cache', 'collab', 'jax')
   jax.config.update('jax_compilation_cache_dir', folder)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  # Every program, however quick to compile: a study's runs each jit their own init,
+  # validation and sampling programs, and the same small ones (~0.2-0.5 s each) were
+  # compiled again in each of its ~17 runs and stages.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
 def fail(name: str, message: str) -> NoReturn:
