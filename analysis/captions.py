@@ -23,7 +23,7 @@ def describe(machine: dict | None) -> str | None:
   parts.append(f"jax {machine.get('jax', '?')} / jaxlib {machine.get('jaxlib', '?')}")
   parts.append(f"XLA_FLAGS: {machine.get('xla_flags') or 'none'}")
   if machine.get('hugepages'):
-    parts.append('huge pages (COLLAB_HUGEPAGES=1)')
+    parts.append('transparent huge pages')
   return ', '.join(parts)
 
 

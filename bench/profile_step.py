@@ -54,5 +54,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host.use_hugepages()  # With COLLAB_HUGEPAGES=1, as the launchers (collab/host.py).
+  host.use_hugepages()  # As the launchers do (collab/host.py; COLLAB_HUGEPAGES=0: not).
   app.run(main)

@@ -19,8 +19,8 @@ first runs `warmup` untimed steps (compilation, allocator), then `rounds` rounds
 `steps` steps that alternate which side goes first, so machine load hits both alike.
 Reported: the median step time per side, its CPU time (its own process's, all threads)
 per step, and the medians of the per-round ratios by wall and by CPU time. collab runs as
-its launchers do: with glibc's transparent huge pages when COLLAB_HUGEPAGES=1
-(collab/host.py; the session-2 runs in docs/BENCHMARKS.md did); PyTorch always runs as
+its launchers do: with glibc's transparent huge pages on Linux unless COLLAB_HUGEPAGES=0
+(collab/host.py; the recorded runs in docs/BENCHMARKS.md had them); PyTorch always runs as
 it does by default, without them (with them its step took ~25% longer here).
 Switching sides costs: a side's first steps after the other ran were up to 1.5x slower
 on the 2-core machine of docs/BENCHMARKS.md, so rounds are 8 steps long.
@@ -356,5 +356,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host.use_hugepages()  # With COLLAB_HUGEPAGES=1, as the launchers (collab/host.py).
+  host.use_hugepages()  # As the launchers do (collab/host.py; COLLAB_HUGEPAGES=0: not).
   app.run(main)

@@ -8,13 +8,20 @@ memory it maps when its tunable `glibc.malloc.hugetlb=1` is set; with it the sam
 takes ~950 faults and 1.19 s instead of 1.43 s. The numbers computed are the same:
 only where the memory comes from changes.
 
-It is opt-in (`COLLAB_HUGEPAGES=1`): the default study, many short runs with sampling in
-between, took 511 s instead of 454 s with it (warm cache, same machine), and PyTorch's
-train step ~25% longer. glibc reads tunables when a process starts, so `use_hugepages()`
-re-executes the program once, with the same command line and `GLIBC_TUNABLES` extended,
-before any work (the launchers and the train-step benches call it first). Nothing happens
-off Linux or when the tunable is already set; a glibc without the tunable ignores it, and
-a kernel with transparent huge pages `never` just keeps 4 KiB pages.
+It is on by default on Linux; `COLLAB_HUGEPAGES=0` turns it off. The whole default study
+(many short runs with sampling in between) is what decided it, not a step: run side by
+side on the 2-core Intel Xeon with the cache warm, it took 401 CPU s (user 356 + system
+45) with huge pages against 478 (365 + 113) without, training 451 s against 534 s of
+wall time under the same load, evaluation alike (docs/BENCHMARKS.md has the quiet,
+cold figures). An earlier, single back-to-back comparison had found the study slower
+with them (511 s against 454 s warm), which is why they were opt-in until then; PyTorch's
+train step runs ~25% longer with the tunable, so the PyTorch peers of the benches run
+without it (`without_hugepages`). glibc reads tunables when a process starts, so
+`use_hugepages()` re-executes the program once, with the same command line and
+`GLIBC_TUNABLES` extended, before any work (the launchers and the train-step benches call
+it first). Nothing happens off Linux or when the tunable is already set; a glibc without
+the tunable ignores it, and a kernel with transparent huge pages `never` just keeps 4 KiB
+pages.
 """
 
 import os
@@ -23,15 +30,15 @@ from typing import Mapping, Optional
 
 TUNABLE = 'glibc.malloc.hugetlb'
 SETTING = f'{TUNABLE}=1'
-SWITCH = 'COLLAB_HUGEPAGES'  # '1': ask for huge pages; anything else: leave the allocator.
+SWITCH = 'COLLAB_HUGEPAGES'  # '0': leave the allocator; unset or '1': ask for huge pages.
 
 
 def hugepage_environ(environ: Mapping[str, str],
                      platform: str = sys.platform) -> Optional[dict]:
   """`environ` with glibc asked for transparent huge pages, or None if there is nothing
-  to change (not Linux, not asked for with COLLAB_HUGEPAGES=1, or the tunable already set,
+  to change (not Linux, turned off with COLLAB_HUGEPAGES=0, or the tunable already set,
   to any value)."""
-  if not platform.startswith('linux') or environ.get(SWITCH) != '1':
+  if not platform.startswith('linux') or environ.get(SWITCH, '1') != '1':
     return None
   tunables = environ.get('GLIBC_TUNABLES', '')
   if TUNABLE + '=' in tunables:

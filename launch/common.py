@@ -216,10 +216,10 @@ def _check_parsed(name: str, argv: list) -> None:
 def parse_flags(name: str) -> Callable[[list], list]:
   """An absl `flags_parser` for app.run: bad flags or --config end as one error line.
 
-  With COLLAB_HUGEPAGES=1 it first asks for transparent huge pages (collab/host.py)."""
+  On Linux it first asks for transparent huge pages (collab/host.py; COLLAB_HUGEPAGES=0: not)."""
 
   def parse(argv: list) -> list:
-    host.use_hugepages()  # Before any work: if asked, it starts the launcher over, once.
+    host.use_hugepages()  # Before any work: it starts the launcher over, once, if needed.
     try:
       rest = flags.FLAGS(argv)
       _check_parsed(name, argv)

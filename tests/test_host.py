@@ -15,7 +15,8 @@ def test_hugepage_environ_adds_the_tunable_once_only_when_asked_on_linux():
   assert host.hugepage_environ(kept, 'linux') is None  # Set: no second start.
   assert host.hugepage_environ({**on, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'},
                                'linux') is None
-  assert host.hugepage_environ({}, 'linux') is None  # Opt-in.
+  # On by default; COLLAB_HUGEPAGES=0 turns it off.
+  assert host.hugepage_environ({}, 'linux') == {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
   assert host.hugepage_environ({'COLLAB_HUGEPAGES': '0'}, 'linux') is None
   assert host.hugepage_environ(on, 'darwin') is None
 
