@@ -2,10 +2,32 @@
 
 import os
 
-# A loaded 2-core machine can starve 4 virtual devices past XLA's 40 s collective
-# rendezvous limit, which aborts the process; wait longer instead.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4 '
-                      '--xla_cpu_collective_call_terminate_timeout_seconds=600')
+
+def _flag_name(flag: str) -> str:
+  return flag.split('=', 1)[0]
+
+
+def xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a subprocess: this process's (so what the user set, such as
+  --xla_cpu_max_isa, passes through) with `flags` set, each replacing its namesake."""
+  names = {_flag_name(f) for f in flags}
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split() if _flag_name(f) not in names]
+  return ' '.join(kept + list(flags))
+
+
+def _with_defaults(user: str, *defaults: str) -> str:
+  """The user's XLA_FLAGS plus each default flag the user did not set already."""
+  names = {_flag_name(f) for f in user.split()}
+  return ' '.join(user.split() + [f for f in defaults if _flag_name(f) not in names])
+
+
+# Appended to the user's XLA_FLAGS (`XLA_FLAGS=--xla_cpu_max_isa=AVX2 make test` keeps
+# them), never overriding a flag the user set. A loaded 2-core machine can starve 4
+# virtual devices past XLA's 40 s collective rendezvous limit, which aborts the process;
+# wait longer instead.
+os.environ['XLA_FLAGS'] = _with_defaults(
+    os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=4',
+    '--xla_cpu_collective_call_terminate_timeout_seconds=600')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')

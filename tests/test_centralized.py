@@ -12,7 +12,7 @@ import pytest
 
 from collab import checkpoint
 from collab import train as train_lib
-from tests.conftest import tiny_run_config
+from tests.conftest import tiny_run_config, xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,9 +65,9 @@ def test_pmap_and_pjit_give_the_same_run(tiny_data, tmp_path):
 
 
 # Two devices on two cores: XLA's CPU collectives need every device's thread at once, and
-# four virtual devices on a loaded 2-core machine can time out their rendezvous.
-_ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
-                                   '--xla_cpu_collective_call_terminate_timeout_seconds=600'}
+# four virtual devices on a loaded 2-core machine can time out their rendezvous. The
+# rest of XLA_FLAGS (the long collective timeout, a user's --xla_cpu_max_isa) carries over.
+_ENV = {**os.environ, 'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=2')}
 
 
 def _launch(workdir, data_dir, steps, *extra):

@@ -26,7 +26,7 @@ from collab.settings import rounds
 from collab.settings import run
 from collab.settings import server as server_lib
 from configs import common
-from tests.conftest import tiny_run_config
+from tests.conftest import tiny_run_config, xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, L, B = 300, 32, 8  # The tiny config's vocabulary, block length and batch.
@@ -101,6 +101,11 @@ def _rounds(config, train, mesh, num_rounds=2, init=None):
 
 
 def _assert_close(a, b, atol):
+  """Leaf by leaf within atol. Between differently shaped programs (vmap vs loop, client
+  blocks, chunks, shardings) 1e-6: rounding of the products, carried through Adam whose
+  eps=1e-4 (_cfg) amplifies a gradient's rounding at most lr/eps = 30-fold per step
+  (used: <2%, AVX-512 and AVX2); a LayerNorm scale near 1 has a 1.2e-7 ulp, so a tighter
+  atol would ask for the same bits. atol=0 only between runs of the same programs."""
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
@@ -293,7 +298,10 @@ def test_vmapped_round_equals_the_reference_loop(vmapped_run):
   _, loop_state, loop_metrics = _rounds(config, _blocks(), _mesh(config), init=init)
   _assert_close(state, loop_state, atol=1e-6)  # Params, server and client optimizer states.
   for m, lm in zip(metrics, loop_metrics):
-    np.testing.assert_allclose(m['loss_sum'], lm['loss_sum'], rtol=1e-6)
+    # A client's loss sums K steps x B x (L - 1) float32 terms, in another order here and
+    # from parameters that differ by rounding: 1.4e-7 relative seen (14% of the former
+    # rtol=1e-6), room for other CPUs; a wrong batch or step count moves it by percents.
+    np.testing.assert_allclose(m['loss_sum'], lm['loss_sum'], rtol=1e-5)
     np.testing.assert_array_equal(m['tokens'], [k * B * (L - 1) for k in (3, 5, 7)])
     assert np.all(m['delta_norm'] > 0)
   # The kept client states advanced by each client's own number of steps.
@@ -308,8 +316,10 @@ def test_padding_clients_blocks_and_chunks_change_nothing(vmapped_run):
   config = _cfg(prox_mu=0.01, client_block=2, steps_per_call=4)
   init, state, metrics = vmapped_run
   _, padded, padded_metrics = _rounds(config, _blocks(), _mesh(config), init=init)
-  _assert_close(padded, state, atol=1e-7)
-  np.testing.assert_allclose(padded_metrics[-1]['loss_sum'], metrics[-1]['loss_sum'], rtol=1e-7)
+  # Other block and chunk shapes are other programs: equal to rounding, as above (atol=1e-7
+  # and rtol=1e-7 asked for about the same bits; the loss sums already differ by 3e-8).
+  _assert_close(padded, state, atol=1e-6)
+  np.testing.assert_allclose(padded_metrics[-1]['loss_sum'], metrics[-1]['loss_sum'], rtol=1e-5)
 
 
 def test_client_axis_sharded_over_devices_equals_unsharded(vmapped_run):
@@ -449,8 +459,9 @@ def _launch(workdir, data_dir, cache, *extra):
   # or speed, and all three compile alike.
   env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': cache,
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=1 '
-                      '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes'}
+         'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=1',
+                                '--xla_backend_optimization_level=0',
+                                '--xla_llvm_disable_expensive_passes')}
   return subprocess.Popen(
       [sys.executable, '-m', 'launch.train', '--config=configs/default.py',
        f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',

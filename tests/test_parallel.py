@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from collab import parallel, steps
 from configs import common
 from tests import multihost_worker as worker
+from tests.conftest import xla_flags
 
 RULES = common.parallel_config().rules
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,10 +80,12 @@ def test_sharded_init_places_params_by_logical_names(tiny):
   assert params['wte'].addressable_shards[0].data.shape == (64, 32)  # Half the vocabulary.
   for leaf, a in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(abstract)):
     assert leaf.sharding == a.sharding and leaf.shape == a.shape
-  # Sharding changes where values live, not what they are.
+  # Sharding changes where values live, not what they are: the same random bits and the
+  # same elementwise transforms, though in per-shard programs whose loops may vectorize
+  # otherwise, so to a few ulps rather than to the bit (zeros stay exact: atol=0).
   plain = jax.jit(init)(rng)
   for x, y in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(plain)):
-    np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=0)
 
 
 def test_abstract_state_requires_logical_names(tiny):
@@ -129,11 +132,21 @@ def _pmap_run(tiny):
 
 
 def _assert_states_close(a, b):
-  # atol: the attention key bias has a zero true gradient, so Adam turns float noise
-  # (~1e-9) into updates of ~1e-6 whose sign depends on the reduction order.
+  """Parameters and Adam moments after NUM_STEPS AdamW steps of differently sharded
+  programs: equal to their rounding, but for the attention key bias."""
+  # The key bias (c_attn_bias[1]) shifts all of a query's scores alike, which softmax
+  # ignores: its true gradient is 0 and its float gradient is noise whose size and sign
+  # depend on the reduction order. Adam's m / sqrt(v) scales that noise up to steps of
+  # up to ~lr (4e-6 after 5 steps here; nothing bounds it on another CPU), so the key
+  # bias and its moments are left out: they cannot change what the model computes.
+  # Every other entry has a real gradient; rounding carried through 5 steps stays within
+  # 2% of these bounds on this machine (AVX-512 and AVX2 alike).
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), y, rtol=1e-4, atol=2e-5)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    if jax.tree_util.keystr(path).endswith("['attn']['c_attn_bias']"):  # [q, k, v] x H x K
+      x, y = np.delete(x, 1, axis=0), np.delete(y, 1, axis=0)
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_pjit_pmap_and_one_device_trajectories_agree(tiny, one_device_run):
@@ -157,7 +170,7 @@ def _free_port() -> int:
 
 def test_two_processes_train_like_one(tmp_path, one_device_run):
   port, out = _free_port(), str(tmp_path / 'losses.json')
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+  env = {**os.environ, 'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=2'),
          'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
   procs = [subprocess.Popen([sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'),
                              str(i), '2', str(port), out], env=env, cwd=REPO,
