@@ -31,10 +31,8 @@ os.environ['XLA_FLAGS'] = _with_defaults(
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-# Tests compile the same small programs again and again: reuse them across tests, the
-# two xdist workers and their subprocesses, however quick each is to compile.
+# Tests compile the same small programs again and again: reuse them across tests.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', '/tmp/collab-tests-jax-cache')
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
 import pytest  # noqa: E402  (after the environment above is set)
