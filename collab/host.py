@@ -9,14 +9,13 @@ takes ~950 faults and 1.19 s instead of 1.43 s. The numbers computed are the sam
 only where the memory comes from changes.
 
 It is on by default on Linux; `COLLAB_HUGEPAGES=0` turns it off. The whole default study
-(many short runs with sampling in between) is what decided it, not a step: run side by
-side on the 2-core Intel Xeon with the cache warm, it took 401 CPU s (user 356 + system
-45) with huge pages against 478 (365 + 113) without, training 451 s against 534 s of
-wall time under the same load, evaluation alike (docs/BENCHMARKS.md has the quiet,
-cold figures). An earlier, single back-to-back comparison had found the study slower
-with them (511 s against 454 s warm), which is why they were opt-in until then; PyTorch's
-train step runs ~25% longer with the tunable, so the PyTorch peers of the benches run
-without it (`without_hugepages`). glibc reads tunables when a process starts, so
+(many short runs with sampling in between) is what decided it, not a step: cold on a
+quiet 2-core AMD EPYC it took 273 s with huge pages against 316 s without (kernel time
+48 against 123 CPU s; training faster, sampling ~5% slower; docs/BENCHMARKS.md). An
+earlier back-to-back comparison on an Intel Xeon had found the study slower with them
+(511 s against 454 s warm), which is why they were opt-in until then. PyTorch's train
+step runs ~25% longer with the tunable, so the benches' PyTorch peers run without it
+(`without_hugepages`). glibc reads tunables when a process starts, so
 `use_hugepages()` re-executes the program once, with the same command line and
 `GLIBC_TUNABLES` extended, before any work (the launchers and the train-step benches call
 it first). Nothing happens off Linux or when the tunable is already set; a glibc without
