@@ -29,7 +29,7 @@ from typing import Mapping, Optional
 
 TUNABLE = 'glibc.malloc.hugetlb'
 SETTING = f'{TUNABLE}=1'
-SWITCH = 'COLLAB_HUGEPAGES'  # '0': leave the allocator; unset or '1': ask for huge pages.
+SWITCH = 'COLLAB_HUGEPAGES'  # '0': leave the allocator; anything else: ask for huge pages.
 
 
 def hugepage_environ(environ: Mapping[str, str],
@@ -37,7 +37,7 @@ def hugepage_environ(environ: Mapping[str, str],
   """`environ` with glibc asked for transparent huge pages, or None if there is nothing
   to change (not Linux, turned off with COLLAB_HUGEPAGES=0, or the tunable already set,
   to any value)."""
-  if not platform.startswith('linux') or environ.get(SWITCH, '1') != '1':
+  if not platform.startswith('linux') or environ.get(SWITCH) == '0':
     return None
   tunables = environ.get('GLIBC_TUNABLES', '')
   if TUNABLE + '=' in tunables:

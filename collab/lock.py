@@ -4,7 +4,9 @@ A second `launch.train` or `launch.study` on a folder that another process is wo
 in stops at once with WorkdirBusyError (naming that process) instead of writing the same
 checkpoints and results. The lock is `fcntl.flock`: the kernel drops it when its process
 exits, however it exits, so there is never a stale lock to clean up. Nested holds by the
-same process (a study's runs, a stage inside a run) re-enter instead of refusing.
+same process re-enter instead of refusing. A study locks its folder and each run its own;
+the incremental stages that chains share (`stages/`) are not locked on their own, so two
+processes must not train chains of one study's stages folder at once.
 """
 
 import contextlib

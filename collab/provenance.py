@@ -37,8 +37,9 @@ def usable_cores() -> int:
 
 
 def hugepages_in_force(environ: Mapping[str, str]) -> bool:
-  """Whether glibc was started with huge pages (collab.host re-executes a program with
-  them when COLLAB_HUGEPAGES=1; the switch alone, without that restart, changes nothing)."""
+  """Whether glibc was started with huge pages (collab.host re-executes a launcher with
+  them on Linux unless COLLAB_HUGEPAGES=0; the switch alone, without that restart,
+  changes nothing)."""
   return host.SETTING in environ.get('GLIBC_TUNABLES', '').split(':')
 
 

@@ -16,7 +16,8 @@ def train(config, workdir: str) -> dict:
   (checkpoints, exports, logs) ends as io.DiskFullError.
   """
   run.check_config(config)
-  with lock.hold(workdir, jax.process_index()), io.disk_full_as_error(workdir):
+  # The lock file is a write too: a full disk there is one line as well.
+  with io.disk_full_as_error(workdir), lock.hold(workdir, jax.process_index()):
     return _train(config, workdir)
 
 

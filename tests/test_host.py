@@ -18,6 +18,7 @@ def test_hugepage_environ_adds_the_tunable_once_only_when_asked_on_linux():
   # On by default; COLLAB_HUGEPAGES=0 turns it off.
   assert host.hugepage_environ({}, 'linux') == {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
   assert host.hugepage_environ({'COLLAB_HUGEPAGES': '0'}, 'linux') is None
+  assert host.hugepage_environ({'COLLAB_HUGEPAGES': 'yes'}, 'linux') is not None  # Only 0 is off.
   assert host.hugepage_environ(on, 'darwin') is None
 
 
