@@ -1,7 +1,8 @@
 """Reading a study's results: its runs' results.json files and its summary.json.
 
-tables, findings and plots all read through here, so none of them imports another to
-reach the results (and findings no longer imports tables, which imports findings).
+tables and findings read through here, so findings need not import tables (which imports
+findings) to reach the results; tables re-exports these names for plots, launch.study and
+the tests.
 """
 
 import json

@@ -14,7 +14,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,21 +22,26 @@ import orbax.checkpoint as ocp
 PyTree = Any
 
 
-@contextlib.contextmanager
-def quiet_closed_loop():
-  """Drops the 'Event loop is closed' tracebacks of a failed restore while it runs.
+def drop_closed_loop(previous: Callable) -> Callable:
+  """An unraisable hook like `previous`, without 'Event loop is closed'.
 
-  When one read of a damaged checkpoint fails, Orbax closes its event loop and the other
-  reads, finishing in tensorstore's threads, each print one such traceback (dozens) as
-  an unraisable error; they say nothing the restore's own error does not.
+  When one read or write of a failed Orbax restore or save fails, Orbax closes its event
+  loop and the others, finishing in tensorstore's threads, each print one such traceback
+  (dozens) as an unraisable error; they say nothing the failure's own error does not.
   """
-  previous = sys.unraisablehook
 
   def hook(unraisable):
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == 'Event loop is closed'):
       previous(unraisable)
-  sys.unraisablehook = hook
+  return hook
+
+
+@contextlib.contextmanager
+def quiet_closed_loop():
+  """drop_closed_loop on sys.unraisablehook while a restore runs."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = drop_closed_loop(previous)
   try:
     yield
   finally:

@@ -54,25 +54,14 @@ class _DropDiskFullNoise(py_logging.Filter):
                 or (record.exc_info and io.disk_full_why(record.exc_info[1])))
 
 
-def _drop_closed_loop(previous: Callable) -> Callable:
-  """An unraisable hook without 'Event loop is closed': after a failed Orbax save or
-  restore, each of tensorstore's pending callbacks prints one, dozens in all, while the
-  failure itself is reported once."""
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
-      previous(unraisable)
-  return hook
-
-
 def quiet_libraries() -> None:
   """Keeps WARNING and above from libraries, and everything from collab; a full disk and
   a failed Orbax read or write are reported once, by collab."""
   py_logging.getLogger('absl').addFilter(_DropLibraryInfo())
   for name in ('absl', 'asyncio'):
     py_logging.getLogger(name).addFilter(_DropDiskFullNoise())
-  sys.unraisablehook = _drop_closed_loop(sys.unraisablehook)
+  from collab import checkpoint_faults  # Lazy, like collab.io above.
+  sys.unraisablehook = checkpoint_faults.drop_closed_loop(sys.unraisablehook)
 
 
 def compilation_cache() -> None:
