@@ -32,7 +32,7 @@ from absl import flags
 import numpy as np
 
 from collab import io
-from collab.evals import clones
+from collab.evals.clones import index as clones
 
 _SMALL_MB = flags.DEFINE_float('small_mb', 3.0, 'Corpus size for the agreement check.')
 _COMPARE_MB = flags.DEFINE_float('compare_mb', 0.0, 'Corpus size for the throughput '

@@ -28,7 +28,7 @@ import numpy as np
 from bench import record
 from collab import hf
 from collab import model as model_lib
-from collab.evals import sampling
+from collab.evals.generation import sampling
 from configs import common
 
 _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Model sizes (configs/common.py).')

@@ -22,8 +22,8 @@ import types
 from absl import app
 from absl import flags
 
-from collab.evals import passk
-from collab.evals import sandbox
+from collab.evals.execution import passk
+from collab.evals.execution import sandbox
 
 _WORKERS = flags.DEFINE_integer('workers', 2, 'Programs run at once, for both.')
 _TIMEOUT = flags.DEFINE_float('timeout', 3.0, 'Seconds per program, for both.')

@@ -23,13 +23,13 @@ from collab import provenance
 from collab.data import blocks as blocks_lib
 from collab.data import canaries as canaries_lib
 from collab.data import tokenizer as tokenizer_lib
-from collab.evals import client_memorization
-from collab.evals import exposure
-from collab.evals import memorization
-from collab.evals import membership
-from collab.evals import passk
-from collab.evals import sampling
-from collab.evals import scoring
+from collab.evals.memorization import clients as client_memorization
+from collab.evals.privacy import exposure
+from collab.evals.memorization import audit as memorization
+from collab.evals.privacy import membership
+from collab.evals.execution import passk
+from collab.evals.generation import sampling
+from collab.evals.generation import scoring
 from collab.evals import stats
 from collab.settings import incremental
 from collab.settings import run

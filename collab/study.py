@@ -137,7 +137,7 @@ def _crossorg(config, data_dir: str) -> dict | None:
   """The participants' containment matrix and cross-org clones (once per data folder)."""
   if not config.study.crossorg:
     return None
-  from collab.evals import memorization  # Only studies that audit clones need it.
+  from collab.evals.memorization import audit as memorization  # Only studies that audit clones need it.
   mem = config.eval.memorization
   return memorization.crossorg_summary(data_dir, run.participant_names(config),
                                        int(mem.min_lines), int(mem.clone_type))

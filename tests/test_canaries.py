@@ -1,4 +1,4 @@
-"""Canaries in the build (collab.data.canaries) and their exposure (collab.evals.exposure)."""
+"""Canaries in the build (collab.data.canaries) and their exposure (collab.evals.privacy.exposure)."""
 
 import functools
 import math
@@ -17,8 +17,8 @@ from collab.data import build
 from collab.data import canaries
 from collab.data import tfds_builder
 from collab.data import tokenizer as tokenizer_lib
-from collab.evals import exposure
-from collab.evals import scoring
+from collab.evals.privacy import exposure
+from collab.evals.generation import scoring
 from tests.conftest import tiny_data_config
 
 CANARIES = {'repeats': [1, 5], 'per_repeat': 2, 'alphabet': 'abcd', 'length': 2, 'seed': 3}

@@ -11,9 +11,9 @@ from collab.data import build
 from collab.data import clients
 from collab.data import tfds_builder
 from collab.data import tokenizer as tokenizer_lib
-from collab.evals import client_memorization
-from collab.evals import clones
-from collab.evals import memorization
+from collab.evals.memorization import clients as client_memorization
+from collab.evals.clones import index as clones
+from collab.evals.memorization import audit as memorization
 from configs import common
 from tests import conftest
 

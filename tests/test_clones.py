@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from collab.evals import clones
+from collab.evals.clones import index as clones
 
 
 def _code_lines(tag: str, n: int, seed: int):

@@ -5,7 +5,9 @@ import random
 import numpy as np
 import pytest
 
-from collab.evals import clones, crossorg
+from collab.evals.clones import index as clones
+
+from collab.evals.clones import crossorg
 
 W = 6
 

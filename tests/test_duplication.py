@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from collab.data import build
-from collab.evals import clones
-from collab.evals import duplication
-from collab.evals import memorization
+from collab.evals.clones import index as clones
+from collab.evals.clones import duplication
+from collab.evals.memorization import audit as memorization
 from configs import common
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')

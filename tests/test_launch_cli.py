@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from collab.evals import sandbox
+from collab.evals.execution import sandbox
 from launch import common
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

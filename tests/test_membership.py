@@ -1,4 +1,4 @@
-"""Membership inference (collab.evals.membership): scores, AUROC and TPR against direct
+"""Membership inference (collab.evals.privacy.membership): scores, AUROC and TPR against direct
 computations, and the per-participant evaluation over a built data folder."""
 
 import itertools
@@ -10,7 +10,7 @@ import pytest
 from collab.data import canaries
 from collab.data import tfds_builder
 from collab.data import tokenizer as tokenizer_lib
-from collab.evals import membership
+from collab.evals.privacy import membership
 
 
 def _pairwise_auroc(members, nonmembers):

@@ -13,9 +13,9 @@ from collab import train as train_lib
 from collab.data import build
 from collab.data import tfds_builder
 from collab.data import tokenizer as tokenizer_lib
-from collab.evals import clones
-from collab.evals import memorization
-from collab.evals import sampling
+from collab.evals.clones import index as clones
+from collab.evals.memorization import audit as memorization
+from collab.evals.generation import sampling
 
 NAMES = ('alpha', 'beta', 'gamma')
 WORDS = {'alpha': ('table', 'row', 'column', 'cell', 'width', 'margin', 'border', 'header'),

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from collab.evals import passk
-from collab.evals import sandbox
+from collab.evals.execution import passk
+from collab.evals.execution import sandbox
 from configs import common
 
 STRONG = not sandbox._bwrap_problem()  # pylint: disable=protected-access

@@ -2,7 +2,7 @@
 
 import pytest
 
-from collab.evals import prompts
+from collab.evals.memorization import prompts
 
 SOURCE = '''"""Module docstring: not a function."""
 import functools

@@ -8,8 +8,8 @@ import ml_collections
 import pytest
 
 from collab.data import sources
-from collab.evals import prompts as prompts_lib
-from collab.evals import released_prompts
+from collab.evals.memorization import prompts as prompts_lib
+from collab.evals.memorization import released_prompts
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 HEADER = ['function id', 'signature with docstring', 'function body']

@@ -1,4 +1,4 @@
-"""Tests for collab.evals.sampling: cached decoding against full recomputation, processors."""
+"""Tests for collab.evals.generation.sampling: cached decoding against full recomputation, processors."""
 
 import flax.linen as nn
 import jax
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from collab import model as model_lib
-from collab.evals import decode_loop
-from collab.evals import processors
-from collab.evals import sampling
+from collab.evals.generation import decode_loop
+from collab.evals.generation import processors
+from collab.evals.generation import sampling
 
 CFG = model_lib.ModelConfig(vocab_size=97, num_layers=2, num_heads=4, d_model=32, d_ff=128,
                             max_len=64, dropout=0.0)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from collab.evals import sandbox
-from collab.evals import sandbox_exec
+from collab.evals.execution import sandbox
+from collab.evals.execution import sandbox_exec
 
 STRONG = not sandbox._bwrap_problem()  # pylint: disable=protected-access
 needs_bwrap = pytest.mark.skipif(not STRONG, reason='bubblewrap cannot run here')
@@ -218,7 +218,7 @@ def test_a_broken_server_is_an_error_not_a_hang(monkeypatch):
 
 _AS_NOBODY = r"""
 import os, sys
-from collab.evals import sandbox
+from collab.evals.execution import sandbox
 assert os.geteuid() != 0 and sandbox.sandbox_mode() == 'bwrap'
 programs = ['print(open("/proc/self/status").read().split("CapEff:")[1].split()[0])',
             'import os, signal\nfor pid in (os.getppid(), 0, -1):\n  try:\n'

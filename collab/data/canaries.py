@@ -11,7 +11,7 @@ also when clients are repositories) and a path beside that file.
 
 Everything about them lands in DATA_DIR/canaries.json (written inside the atomic build):
 the alphabet, the length, and per participant every canary's id, repeat count, template
-prefix and suffix, and secret. collab/evals/exposure.py reads it back to measure exposure.
+prefix and suffix, and secret. collab/evals/privacy/exposure.py reads it back to measure exposure.
 Canary files carry the license `canary`, so evaluations that want real code only (the
 membership inference) can leave them out.
 """

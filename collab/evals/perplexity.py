@@ -19,7 +19,7 @@ from tqdm import auto as tqdm
 
 from collab import parallel
 from collab import steps
-from collab.evals import sampling
+from collab.evals.generation import sampling
 
 POOLED = 'pooled'
 

@@ -4,7 +4,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from collab.evals import passk
+from collab.evals.execution import passk
 
 RESAMPLES = 1000
 

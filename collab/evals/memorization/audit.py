@@ -33,11 +33,11 @@ from collab.data import blocks as blocks_lib
 from collab.data import clients as clients_lib
 from collab.data import tfds_builder
 from collab.data import tokenizer as tokenizer_lib
-from collab.evals import clones
-from collab.evals import crossorg
-from collab.evals import duplication
-from collab.evals import released_prompts
-from collab.evals import sampling
+from collab.evals.clones import index as clones
+from collab.evals.clones import crossorg
+from collab.evals.clones import duplication
+from collab.evals.memorization import released_prompts
+from collab.evals.generation import sampling
 from collab.evals import stats
 
 SPLITS = ('train', 'valid')

@@ -43,9 +43,9 @@ import numpy as np
 from tqdm import auto as tqdm
 
 from collab import parallel
-from collab.evals import decode_loop
-from collab.evals import decode_text
-from collab.evals import processors
+from collab.evals.generation import decode_loop
+from collab.evals.generation import decode_text
+from collab.evals.generation import processors
 
 cut_at_stop = decode_text.cut_at_stop  # Part of this module's API (memorization uses it).
 _BUCKET = 32  # Prompt and cache lengths are rounded up to this, to reuse compilations.

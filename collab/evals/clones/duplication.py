@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from collab.data import clean
-from collab.evals import clones
+from collab.evals.clones import index as clones
 
 BUCKETS = clean.COPY_BUCKETS
 

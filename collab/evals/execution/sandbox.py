@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import tqdm
 
-from collab.evals import sandbox_exec
+from collab.evals.execution import sandbox_exec
 
 STATUSES = ('passed', 'failed', 'timeout', 'error')
 # The types and the constant of this module's API live with the runners.

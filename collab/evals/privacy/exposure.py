@@ -98,7 +98,7 @@ def evaluate(score: Callable, encode: Callable, eot_id: int, meta: dict, *,
              candidates: int, seed: int, participants: Sequence[str] | None = None) -> dict:
   """results['canaries']: every canary's exposure, and means by participant and repeats.
 
-  `score(sequences) -> logprobs_T each` (collab.evals.scoring.make_scorer); `meta` is
+  `score(sequences) -> logprobs_T each` (collab.evals.generation.scoring.make_scorer); `meta` is
   DATA_DIR/canaries.json; `participants` (default: all in meta) are the ones measured.
   """
   if candidates < 1:

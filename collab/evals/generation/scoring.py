@@ -17,7 +17,7 @@ from tqdm import auto as tqdm
 
 from collab import parallel
 from collab import steps
-from collab.evals import sampling
+from collab.evals.generation import sampling
 from collab.model import GPT2
 
 LENGTH_BUCKET = 16  # Sequence lengths are rounded up to this: few compilations.

@@ -1,7 +1,7 @@
 """Memorization per federated client: which repositories, directories or shards leak most.
 
 When `config.federated.clients` is not 'participants', the memorization audit's spans
-(memorized.jsonl rows, collab/evals/memorization.py) are attributed to the clients whose
+(memorized.jsonl rows, collab/evals/memorization/audit.py) are attributed to the clients whose
 training code they match, beside each client's size and duplication:
 
   attribution   a span belongs to every client one of whose training files holds any of
@@ -24,7 +24,7 @@ import numpy as np
 
 from collab.data import blocks as blocks_lib
 from collab.data import clients as clients_lib
-from collab.evals import clones
+from collab.evals.clones import index as clones
 
 _EMPTY_I = np.zeros(0, np.int64)
 

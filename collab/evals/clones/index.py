@@ -25,7 +25,7 @@ from absl import logging
 from tqdm import tqdm
 
 from collab import io
-from collab.evals import clone_hashing
+from collab.evals.clones import hashing as clone_hashing
 
 # Normalization and hashing live in clone_hashing; these stay importable from here.
 TRIVIAL_LINES = clone_hashing.TRIVIAL_LINES
@@ -201,7 +201,7 @@ class CloneIndex:
   def load(cls, path: str) -> 'CloneIndex':
     if not os.path.exists(path):
       raise FileNotFoundError(f'No clone index at {path}; build one with '
-                              'collab.evals.clones.build_index(...).save(path).')
+                              'collab.evals.clones.index.build_index(...).save(path).')
     try:
       with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
@@ -211,7 +211,7 @@ class CloneIndex:
       return cls(**meta, **arrays)
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise IndexFormatError(f'{path} is not a clone index of this version ({e}); '
-                             'rebuild it with collab.evals.clones.build_index.') from e
+                             'rebuild it with collab.evals.clones.index.build_index.') from e
 
 
 def build_index(docs: Iterable, min_lines: int = 6, clone_type: int = 1, *,

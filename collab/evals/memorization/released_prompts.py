@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from collab.evals import clone_hashing
-from collab.evals import prompts as prompts_lib
+from collab.evals.clones import hashing as clone_hashing
+from collab.evals.memorization import prompts as prompts_lib
 
 COLUMNS = ('function id', 'signature with docstring', 'function body')
 _FIELD_LIMIT = 1 << 30  # Bodies of whole classes exceed csv's 128 KB default.

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from collab import model as model_lib
-from collab.evals import decode_text
-from collab.evals import processors
+from collab.evals.generation import decode_text
+from collab.evals.generation import processors
 
 
 class DecodeState(NamedTuple):

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from collab.evals import clones
+from collab.evals.clones import index as clones
 
 
 def _check(indexes: Sequence[clones.CloneIndex]):

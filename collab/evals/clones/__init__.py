@@ -1,0 +1,1 @@
+"""Verbatim code: the hashed-window clone index, cross-organization clones, duplication."""

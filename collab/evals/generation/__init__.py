@@ -1,0 +1,1 @@
+"""Model outputs: compiled KV-cache sampling and decoding, logits processors, sequence scoring."""

@@ -1,0 +1,1 @@
+"""What a model gives back of its training code: prompts, clone audits, k-extractability, ranking."""

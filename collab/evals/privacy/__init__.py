@@ -1,0 +1,1 @@
+"""Privacy audits: canary exposure and membership inference."""
