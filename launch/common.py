@@ -228,7 +228,7 @@ def run_or_exit(name: str, fn: Callable[[], object]):
   a full disk (collab.io.DiskFullError) and a workdir another process is using."""
   from collab import io  # Lazy: launchers import collab after their flags.
   from collab import lock
-  from collab.evals import sandbox
+  from collab.evals.execution import sandbox
   quiet_libraries()
   compilation_cache()
   try:
