@@ -1,0 +1,364 @@
+"""k-extractability: which training blocks a model continues verbatim from their start.
+
+PROTOCOL (Extractability; Carlini et al. 2022, "Quantifying Memorization Across Neural
+Language Models"; Hayes et al. 2024 for (n, p)-extraction). A window of a block is its
+first k tokens (the prompt) and the next m (the suffix); it is k-extractable when greedy
+decoding of the prompt reproduces the suffix exactly. Blocks are packed
+`[EOT f1 EOT f2 ...]` cut into L-token rows, and training fed every row from position 0:
+the prompt is block[:k] at positions 0..k-1, the very positions it was trained at. A
+window cut from the middle of a block and fed at position 0 would ask what training never
+asked. A k with k + m > L (or past the model's context) is skipped and reported.
+
+- Null: validation blocks of the same participant, decoded the same way (boilerplate is
+  extractable without memorizing anything).
+- (n, p)-extraction: with `samples` = n > 0, each training window at the smallest k is
+  sampled n times at `temperature`; it counts when at least one sample is the suffix.
+- Provenance: the file of an extracted window's first suffix token (the data folder's
+  block provenance), with that file's duplication count.
+- Cross-organization: a training window whose suffix occurs verbatim in another
+  participant's training stream may have been learned from there.
+
+Rates carry a 95% Wilson score interval, not a bootstrap: extraction is rare, and a
+percentile bootstrap of a share of 0 is the degenerate [0, 0], while Wilson's upper
+bound stays informative (about 3.84 / (n + 3.84) at c = 0); its bounds are exactly 0 at
+c = 0 and 1 at c = n.
+"""
+
+import zlib
+from typing import NamedTuple, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from collab.data import blocks as blocks_lib
+from collab.data import clients as clients_lib
+from collab.evals.generation import sampling
+
+SPLITS = ('train', 'valid')
+_Z95 = 1.959963984540054
+# Odd, so multiplying by it modulo 2^64 loses nothing; the golden-ratio constant mixes well.
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
+_CHUNK_TOKENS = 1 << 20  # Stream tokens hashed at a time: bounded memory on big corpora.
+
+
+# --- Windows and their decoding.
+
+def fitting_ks(ks: Sequence[int], m: int, length: int) -> tuple:
+  """(ks whose windows fit in `length` tokens: 1 <= k and k + m <= length, the others)."""
+  fit = [int(k) for k in ks if 1 <= k and k + m <= length]
+  return fit, [int(k) for k in ks if int(k) not in fit]
+
+
+def windows(blocks_NxL, ks: Sequence[int], m: int) -> tuple:
+  """({k: (prefix_NxK, suffix_NxM)} as int32 for each k that fits a block, skipped ks).
+
+  Both parts come from the block's start (block[:k], block[k:k + m]): never past its end.
+  """
+  if m < 1:
+    raise ValueError(f'm (suffix tokens) must be >= 1, got {m}.')
+  fit, skipped = fitting_ks(ks, m, blocks_NxL.shape[1])
+  width = max(fit) + m if fit else 0
+  rows_NxW = np.asarray(blocks_NxL[:, :width], np.int32)
+  return {k: (rows_NxW[:, :k], rows_NxW[:, k:k + m]) for k in fit}, skipped
+
+
+def _padded(rows: Sequence, m: int) -> np.ndarray:
+  """rows as an [N, m] int32 array; -1 (never a token) where a row is short."""
+  out_NxM = np.full((len(rows), m), -1, np.int32)
+  for i, row in enumerate(rows):
+    row = np.asarray(row, np.int32)[:m]
+    out_NxM[i, :len(row)] = row
+  return out_NxM
+
+
+def greedy_suffixes(params, model_config, prefixes_NxK, m: int, batch_size: int) -> np.ndarray:
+  """generated_NxM: each prefix's greedy continuation, in one batched generate call.
+
+  No end-of-text stop, so a row is m tokens long unless the context ran out (then -1s).
+  """
+  if len(prefixes_NxK) == 0:
+    return np.zeros((0, m), np.int32)
+  new = sampling.generate(params, model_config, np.asarray(prefixes_NxK),
+                          key=jax.random.key(0), max_new_tokens=m, temperature=0.0,
+                          eot_id=None, batch_size=batch_size, progress=False)
+  return _padded(new, m)
+
+
+def match_lengths(generated_NxM, suffix_NxM) -> np.ndarray:
+  """match_N: how many leading suffix tokens each row reproduces (0..m; m is exact)."""
+  same_NxM = np.asarray(generated_NxM) == np.asarray(suffix_NxM)
+  return np.cumprod(same_NxM, axis=1).sum(axis=1).astype(np.int64)
+
+
+def sampled_extracted(params, model_config, prefixes_NxK, suffix_NxM, n: int,
+                      temperature: float, key, batch_size: int) -> np.ndarray:
+  """extracted_N: at least one of n samples of window i reproduces its suffix exactly.
+
+  Sample j of window i is request row i * n + j, so it draws from fold_in(key, i * n + j)
+  (see sampling.generate): every sample is its own draw, whatever the batching.
+  """
+  suffix_NxM = np.asarray(suffix_NxM)
+  num, m = suffix_NxM.shape
+  if num == 0 or n < 1:
+    return np.zeros(num, bool)
+  rows = np.repeat(np.asarray(prefixes_NxK), n, axis=0)
+  new = sampling.generate(params, model_config, rows, key=key, max_new_tokens=m,
+                          temperature=temperature, eot_id=None, batch_size=batch_size,
+                          progress=False)
+  samples_NxSxM = _padded(new, m).reshape(num, n, m)
+  return (samples_NxSxM == suffix_NxM[:, None, :]).all(axis=-1).any(axis=-1)
+
+
+# --- Where a window came from, and where else it occurs.
+
+def attribute_files(prov: clients_lib.Provenance, block_ids_N, k: int, seq_len: int) -> list:
+  """Per window, the file holding its first suffix token (stream offset block * L + k)."""
+  offsets_N = np.asarray(block_ids_N, np.int64) * seq_len + k
+  file_N = np.searchsorted(prov.start_F, offsets_N, 'right') - 1
+  return [{'file': int(f), 'repo': prov.repo_F[f], 'path': prov.path_F[f],
+           'copies': None if prov.copies_F is None else int(prov.copies_F[f])}
+          for f in file_N]
+
+
+def attribute(data_dir: str, participant: str, block_ids_N, k: int, seq_len: int,
+              split: str = 'train'):
+  """attribute_files from the data folder's provenance; None for folders built without it."""
+  try:
+    prov = clients_lib.load_provenance(data_dir, participant, split)
+  except blocks_lib.DataNotBuiltError:
+    return None
+  return attribute_files(prov, block_ids_N, k, seq_len)
+
+
+def _hashes(grams_NxM) -> np.ndarray:
+  """Polynomial hash (mod 2^64) of each row, by Horner's rule over the columns.
+
+  Columns of a sliding window view of a uint64 stream are strided views: hashing every
+  m-gram of a chunk copies nothing m-fold.
+  """
+  grams_NxM = np.asarray(grams_NxM, np.uint64)
+  h_N = np.zeros(len(grams_NxM), np.uint64)
+  for j in range(grams_NxM.shape[1]):
+    h_N *= _HASH_BASE  # Arrays wrap around modulo 2^64 silently, as wanted.
+    h_N += grams_NxM[:, j]
+  return h_N
+
+
+def _confirm(grams_PxM, h_P, sorted_U, order_U, unique_UxM, found_U) -> None:
+  """Marks the suffixes equal to some gram: every suffix sharing a gram's hash is compared
+  token by token, so a hash collision neither finds nor hides anything."""
+  lo_P = np.searchsorted(sorted_U, h_P, 'left')
+  count_P = np.searchsorted(sorted_U, h_P, 'right') - lo_P
+  hits_H = np.flatnonzero(count_P)
+  if not hits_H.size:
+    return
+  count_H = count_P[hits_H]  # Nearly always 1: one suffix per hash.
+  gram_G = np.repeat(hits_H, count_H)  # G: each (gram, suffix) pair sharing a hash.
+  rank_G = np.arange(len(gram_G)) - np.repeat(np.cumsum(count_H) - count_H, count_H)
+  query_G = order_U[np.repeat(lo_P[hits_H], count_H) + rank_G]
+  same_G = (grams_PxM[gram_G] == unique_UxM[query_G]).all(axis=1)
+  found_U[query_G[same_G]] = True
+
+
+def cross_org(suffixes_NxM, other_blocks: Sequence, chunk_tokens: int = _CHUNK_TOKENS
+              ) -> np.ndarray:
+  """found_N: suffix i occurs contiguously in one of `other_blocks` (each flattened).
+
+  Each stream is hashed m-gram by m-gram in chunks (memory bounded, memmaps read once)
+  and looked up among the distinct suffixes' hashes; hits are confirmed token by token,
+  so the answer is exact whatever the hash. Streams are searched one by one: an m-gram
+  spanning the end of one participant's stream and the start of another's is in neither.
+  """
+  suffixes_NxM = np.asarray(suffixes_NxM, np.int64)
+  num, m = suffixes_NxM.shape
+  if num == 0 or m == 0:
+    return np.zeros(num, bool)
+  unique_UxM, inverse_N = np.unique(suffixes_NxM, axis=0, return_inverse=True)
+  unique_UxM = unique_UxM.astype(np.uint64)  # The streams' type: no float comparisons.
+  hash_U = _hashes(unique_UxM)
+  order_U = np.argsort(hash_U, kind='stable')
+  sorted_U = hash_U[order_U]
+  found_U = np.zeros(len(unique_UxM), bool)
+  for piece_P in _pieces(other_blocks, m, chunk_tokens):
+    grams_PxM = np.lib.stride_tricks.sliding_window_view(piece_P, m)
+    _confirm(grams_PxM, _hashes(grams_PxM), sorted_U, order_U, unique_UxM, found_U)
+    if found_U.all():
+      break
+  return found_U[inverse_N.reshape(-1)]
+
+
+def _pieces(other_blocks: Sequence, m: int, chunk_tokens: int):
+  """Overlapping uint64 chunks of each flattened stream: each m-gram lies in exactly one."""
+  for blocks in other_blocks:
+    stream_T = np.reshape(blocks, -1)  # A memmap stays one: chunks are read when sliced.
+    for start in range(0, max(len(stream_T) - m + 1, 0), chunk_tokens):
+      yield np.asarray(stream_T[start:start + chunk_tokens + m - 1], np.uint64)
+
+
+# --- Rates.
+
+def wilson(extracted: int, windows_n: int):
+  """95% Wilson score interval of extracted / windows_n; None without windows."""
+  if windows_n == 0:
+    return None
+  z2, share = _Z95**2, extracted / windows_n
+  center = (share + z2 / (2 * windows_n)) / (1 + z2 / windows_n)
+  half = (_Z95 * np.sqrt(share * (1 - share) / windows_n + z2 / (4 * windows_n**2))
+          / (1 + z2 / windows_n))
+  low = 0.0 if extracted == 0 else max(0.0, float(center - half))
+  high = 1.0 if extracted == windows_n else min(1.0, float(center + half))
+  return [low, high]
+
+
+def rate_entry(extracted_N, match_N=None) -> dict:
+  """{'windows', 'extracted', 'rate', 'ci95'} (+ 'mean_match' with match lengths)."""
+  n, c = len(extracted_N), int(np.sum(extracted_N))
+  entry = {'windows': n, 'extracted': c, 'rate': c / n if n else None,
+           'ci95': wilson(c, n)}
+  if match_N is not None:
+    entry['mean_match'] = float(np.mean(match_N)) if n else None
+  return entry
+
+
+# --- The evaluation: every participant's training and validation blocks.
+
+class _Cell(NamedTuple):
+  """The windows of one participant's split."""
+  block_ids: np.ndarray  # Which blocks (all, or a seeded choice of max_blocks), sorted.
+  seq_len: int
+  windows: dict  # k -> (prefix_NxK, suffix_NxM).
+
+
+def choose_blocks(num_blocks: int, max_blocks: int, seed: int, participant: str,
+                  split: str) -> np.ndarray:
+  """All block ids, or a seeded choice of max_blocks, sorted (memmaps read in order)."""
+  if not 0 < max_blocks < num_blocks:
+    return np.arange(num_blocks)
+  rng = np.random.default_rng([seed, zlib.crc32(participant.encode()), SPLITS.index(split)])
+  return np.sort(rng.choice(num_blocks, max_blocks, replace=False))
+
+
+def _load_cells(data_dir, names, ks, m, max_len, max_blocks, seed) -> tuple:
+  """({(participant, split): _Cell}, ks that fit blocks and context, skipped ks)."""
+  blocks = {(p, s): blocks_lib.load_blocks(data_dir, p, s) for p in names for s in SPLITS}
+  seq_len = min(b.shape[1] for b in blocks.values())
+  fit, skipped = fitting_ks(ks, m, min(seq_len, max_len))
+  cells = {}
+  for (p, s), blocks_NxL in blocks.items():
+    ids_N = choose_blocks(len(blocks_NxL), max_blocks, seed, p, s)
+    cells[p, s] = _Cell(ids_N, blocks_NxL.shape[1], windows(blocks_NxL[ids_N], fit, m)[0])
+  return cells, fit, skipped
+
+
+def _per_cell(keys: list, sizes: list, values_N: np.ndarray) -> dict:
+  """Cuts values of concatenated cells back into {key: values}."""
+  bounds = np.cumsum([0] + list(sizes))
+  return {c: values_N[a:b] for c, a, b in zip(keys, bounds[:-1], bounds[1:])}
+
+
+def _stacked(cells: dict, keys: list, k: int) -> tuple:
+  """(prefix_NxK, suffix_NxM, sizes) of the cells `keys` at k, concatenated."""
+  prefixes, suffixes = zip(*(cells[c].windows[k] for c in keys))
+  return np.concatenate(prefixes), np.concatenate(suffixes), [len(p) for p in prefixes]
+
+
+def _greedy_matches(params, model_config, cells, k, m, batch_size) -> dict:
+  """{(participant, split): match_N} at k, from one generate call for all of them."""
+  keys = list(cells)
+  prefixes_NxK, suffix_NxM, sizes = _stacked(cells, keys, k)
+  generated_NxM = greedy_suffixes(params, model_config, prefixes_NxK, m, batch_size)
+  return _per_cell(keys, sizes, match_lengths(generated_NxM, suffix_NxM))
+
+
+def _sampled(params, model_config, cells, names, k, samples, temperature, seed,
+             batch_size) -> dict:
+  """{participant: {str(k): rate entry + samples, temperature}} of training windows at k."""
+  keys = [(p, 'train') for p in names]
+  prefixes_NxK, suffix_NxM, sizes = _stacked(cells, keys, k)
+  extracted_N = sampled_extracted(params, model_config, prefixes_NxK, suffix_NxM, samples,
+                                  temperature, jax.random.key(seed), batch_size)
+  per = _per_cell(keys, sizes, extracted_N)
+  return {p: {str(k): {**rate_entry(per[p, 'train']), 'samples': int(samples),
+                       'temperature': float(temperature)}} for p in names}
+
+
+def _cross_flags(data_dir, names, cells, fit) -> dict:
+  """{(participant, k): found_N}: training suffixes occurring in another's training stream."""
+  keys = [(p, k) for p in names for k in fit]
+  if not keys:
+    return {}
+  suffixes = [cells[p, 'train'].windows[k][1] for p, k in keys]
+  all_NxM = np.concatenate(suffixes)
+  owner_N = np.concatenate([np.full(len(s), names.index(p)) for (p, _), s in
+                            zip(keys, suffixes)])
+  found_N = np.zeros(len(all_NxM), bool)
+  for i, other in enumerate(names if len(names) > 1 else ()):
+    todo_N = (owner_N != i) & ~found_N  # One pass over each stream, for all the others.
+    found_N[todo_N] = cross_org(all_NxM[todo_N],
+                                [blocks_lib.load_blocks(data_dir, other, 'train')])
+  return _per_cell(keys, [len(s) for s in suffixes], found_N)
+
+
+def _participant(p, fit, m, matches, cross, sampled) -> dict:
+  """One participant's section: rates per split and k, sampled rates, cross-org counts."""
+  entry = {s: {str(k): rate_entry(matches[k][p, s] == m, matches[k][p, s]) for k in fit}
+           for s in SPLITS}
+  if p in sampled:
+    entry['sampled'] = sampled[p]
+  entry['cross_org'] = {'extracted': 0, 'windows': 0}
+  if fit:
+    shared_N, extracted_N = cross[p, min(fit)], matches[min(fit)][p, 'train'] == m
+    entry['cross_org'] = {'extracted': int((shared_N & extracted_N).sum()),
+                          'windows': int(shared_N.sum())}
+  return entry
+
+
+def _rows(data_dir, names, cells, fit, m, matches, cross) -> list:
+  """One small dict per extracted training window, with its file and cross-org flag."""
+  rows, unknown = [], dict.fromkeys(('file', 'repo', 'path', 'copies'))
+  for p in names:
+    cell = cells[p, 'train']
+    for k in fit:
+      hit = np.flatnonzero(matches[k][p, 'train'] == m)
+      files = (attribute(data_dir, p, cell.block_ids[hit], k, cell.seq_len) if hit.size
+               else None) or [unknown] * len(hit)
+      for i, where in zip(hit, files):
+        rows.append({'participant': p, 'split': 'train', 'k': k,
+                     'block': int(cell.block_ids[i]), 'match': m, **where,
+                     'cross_org': bool(cross[p, k][i]),
+                     'suffix': cell.windows[k][1][i].tolist()})
+  return rows
+
+
+def evaluate(params, model_config, data_dir: str, names: Sequence[str], *,
+             ks: Sequence[int], m: int, batch_size: int, seed: int, samples: int = 0,
+             temperature: float = 1.0, max_blocks: int = 0) -> tuple:
+  """(section, rows): k-extractability of each participant's training and validation blocks.
+
+  section: {'ks', 'm', 'skipped_ks', 'participants': {p: {
+      'train' and 'valid': {str(k): {'windows', 'extracted', 'rate', 'ci95' (Wilson),
+                                     'mean_match' (mean leading tokens reproduced)}},
+      'sampled' (samples > 0): {str(smallest k): {'windows', 'extracted' (in any of
+                                'samples' draws), 'rate', 'ci95', 'samples', 'temperature'}},
+      'cross_org': {'windows' (training windows at the smallest k whose suffix occurs in
+                    another participant's training stream), 'extracted' (those extracted)}}}}
+  rows: one per extracted training window (any k), with its file (None without provenance).
+  Greedy decoding is one generate call per k for every participant and split; `max_blocks`
+  > 0 caps the blocks of each participant and split (a seeded choice).
+  """
+  names = list(names)
+  cells, fit, skipped = _load_cells(data_dir, names, ks, m, model_config.max_len,
+                                    max_blocks, seed)
+  if skipped:
+    logging.warning('Extractability: ks %s skipped (k + m = k + %d exceeds the block or '
+                    'context length).', skipped, m)
+  matches = {k: _greedy_matches(params, model_config, cells, k, m, batch_size) for k in fit}
+  cross = _cross_flags(data_dir, names, cells, fit)
+  sampled = (_sampled(params, model_config, cells, names, min(fit), samples, temperature,
+                      seed, batch_size) if samples > 0 and fit else {})
+  participants = {p: _participant(p, fit, m, matches, cross, sampled) for p in names}
+  rows = _rows(data_dir, names, cells, fit, m, matches, cross)
+  logging.info('Extractability: %d extracted training windows over ks %s.', len(rows), fit)
+  return ({'ks': [int(k) for k in ks], 'm': int(m), 'skipped_ks': skipped,
+           'participants': participants}, rows)
