@@ -5,10 +5,10 @@ r"""The study's figures (matplotlib PNG), from results.json and metrics.jsonl fi
 Writes WORKDIR/figures/: memorization.png (ratio by setting and participant),
 incremental_orders.png (heat maps over orders), loss_curves.png (training loss per run),
 forgetting.png (perplexity of every participant over incremental stages), when runs
-exported intermediate models dose_response.png (memorization and validation perplexity
-over epochs) and, when the study has DP-FedAvg runs, privacy_utility.png (noise multiplier
-against perplexity and
-canary exposure, ε beside each point).
+recorded extractability with fit memorization_vs_fit.png (extractable share against own
+training loss, validation perplexity and epochs, along each run's snapshots, best and
+final models) and, when the study has DP-FedAvg runs, privacy_utility.png (noise
+multiplier against perplexity and canary exposure, ε beside each point).
 """
 
 import json
@@ -23,6 +23,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np  # noqa: E402
 
+from analysis import matched  # noqa: E402
 from analysis import tables  # noqa: E402
 
 _PNG = {'metadata': {'Software': None}, 'dpi': 120}  # No version stamp: same bytes each time.
@@ -220,50 +221,91 @@ def privacy_utility(runs, path: str) -> str | None:
   return _save(fig, path)
 
 
-def dose_points(run: dict) -> list:
-  """(epochs, memorized samples, samples, pooled perplexity) over a run's training: its
-  snapshots, then the final model (epochs scale with the fraction of the run)."""
-  points = run.get('snapshots') or []
-  scale = next((p['epochs'] / p['fraction'] for p in points
-                if p.get('epochs') and p.get('fraction')), None)
-  if not points or scale is None:
-    return []
-  final = {'epochs': scale, 'perplexity': run['perplexity'],
-           'memorization': run.get('memorization')}
+def _epochs_scale(run: dict, points: list) -> float | None:
+  """Epochs per unit of a point's place: a run's epochs over the whole run (a snapshot's
+  epochs / fraction); a chain's epochs of one stage (stages counted as equal)."""
+  if matched.stages_of(run):
+    stage = [p.get('epochs') for p in points if 'stage' in p and p['model'] != 'best']
+    stage = [e for e in stage if e]
+    return float(np.mean(stage)) if stage else None
+  return next((p['epochs'] / p['fraction'] for p in points
+               if p.get('epochs') and p.get('fraction')), run.get('epochs'))
+
+
+def fit_points(run: dict) -> list:
+  """One row per model on the run's path (snapshots, best, final) with extractability and
+  fit: {'model', 'best', 'k', 'loss', 'share', 'ppl', 'epochs', 'parts'}: loss is the
+  pooled own training loss, share the extractable share of training windows (summed over
+  participants) at the primary k, ppl the pooled validation perplexity, and parts the
+  (own training loss, share, own validation perplexity) of each participant."""
+  points = matched.path_points(run)
+  scale, stages = _epochs_scale(run, points), matched.stages_of(run)
   rows = []
-  for p in points + [final]:
-    mem = (p.get('memorization') or {}).get('participants') or {}
-    k = sum(int(m.get('memorized_samples') or 0) for m in mem.values())
-    n = sum(int(m.get('samples') or 0) for m in mem.values())
-    rows.append((float(p['epochs']), k, n, p['perplexity'].get('pooled')))
+  for p in points:
+    ext, fit, ppl = p.get('extractability'), p.get('fit'), p.get('perplexity') or {}
+    c, n = matched.summed_counts([p], matched.measured(ext))
+    loss = matched.fit_loss(fit, None)
+    if not n or loss is None:
+      continue
+    stage, done = matched.place(p, stages)
+    each = {q: matched.counts(ext, q) for q in matched.measured(ext)}
+    parts = [(matched.fit_loss(fit, q), c_q / n_q, ppl.get(q))
+             for q, (c_q, n_q) in each.items() if n_q]
+    rows.append({'model': p['model'], 'best': bool(p.get('is_best')),
+                 'k': matched.primary_k(ext), 'loss': loss, 'share': c / n,
+                 'ppl': ppl.get('pooled'), 'parts': parts,
+                 'epochs': None if scale is None else scale * (max(stage - 1, 0) + done)})
   return rows
 
 
-def dose_response(runs, path: str) -> str | None:
-  """Memorization ratio (95% CI) and validation perplexity against epochs, per run with
-  snapshots: when the model starts to memorize, and where it stopped generalizing."""
-  from analysis import findings  # The same bootstrap as the findings table.
-  curves = [(r['run'], dose_points(r)) for r in runs]
-  curves = [(name, pts) for name, pts in curves if pts]
+_STYLE = {'single': ':', 'centralized': '-', 'federated': '--', 'incremental': '-.'}
+_AXES = (('loss', 0, 'own training loss (nats/token; training runs right)'),
+         ('ppl', 2, 'validation perplexity (pooled; own for faint points)'),
+         ('epochs', None, 'epochs (chains: stages counted as equal)'))
+
+
+def _draw_run(axes, name: str, setting: str, rows: list, color) -> None:
+  """The run's pooled path on every panel; its participants' points faint beside it."""
+  for ax, (key, part, _) in zip(axes, _AXES):
+    xy = [(r[key], 100 * r['share']) for r in rows if r[key] is not None]
+    if not xy:
+      continue
+    ax.plot(*zip(*xy), marker='o', markersize=3, linestyle=_STYLE.get(setting, '-'),
+            color=color, linewidth=1.2, label=name if ax is axes[0] else None)
+    best = [(r[key], 100 * r['share']) for r in rows if r['best'] and r[key] is not None]
+    if best:
+      ax.plot(*zip(*best), marker='*', markersize=9, color=color, linestyle='none')
+    faint = [(q[part] if part is not None else r[key], 100 * q[1]) for r in rows
+             for q in r['parts'] if (q[part] if part is not None else r[key]) is not None]
+    if faint:
+      ax.scatter(*zip(*faint), s=8, color=color, alpha=0.25, linewidths=0)
+
+
+def memorization_vs_fit(runs, path: str) -> str | None:
+  """Extractable share at the primary k against a participant's own training loss, against
+  validation perplexity and against epochs: one path per run (snapshots, best as a star,
+  final), pooled over its participants, with each participant's points faint. Settings
+  that fit at different speeds are compared along the first axis (PROTOCOL: matched
+  fit). None when no run has extractability with fit."""
+  curves = [(r, fit_points(r)) for r in runs]
+  curves = [(r, rows) for r, rows in curves if rows]
   if not curves:
     return None
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
-  for name, pts in curves:
-    x = [e for e, _, _, _ in pts]
-    shares = [findings.share_interval(k, n) for _, k, n, _ in pts]
-    y = [100 * (v or 0) for v, _ in shares]
-    lo = [100 * (ci or [0, 0])[0] for _, ci in shares]
-    hi = [100 * (ci or [0, 0])[1] for _, ci in shares]
-    top.plot(x, y, marker='o', label=name)
-    top.fill_between(x, lo, hi, alpha=0.2)
-    bottom.plot(x, [ppl for _, _, _, ppl in pts], marker='o', label=name)
-  top.set_ylabel('memorization ratio (%)')
-  top.set_title('Memorization over training (95% bootstrap CI over samples)')
-  top.legend(fontsize=8)
-  bottom.set_yscale('log')
-  bottom.set_ylabel('validation perplexity (pooled)')
-  bottom.set_xlabel('epochs (passes over each participant\'s data)')
-  fig.tight_layout()
+  k = curves[0][1][0]['k']  # Every run of a study audits the same ks.
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
+  colors = plt.cm.tab20(np.linspace(0, 1, 20))
+  for i, (r, rows) in enumerate(curves):
+    _draw_run(axes, r['run'], r['setting'], rows, colors[i % 20])
+  for ax, (_, _, label) in zip(axes, _AXES):
+    ax.set_xlabel(label)
+  axes[0].invert_xaxis()  # Lower loss is further into training.
+  axes[1].set_xscale('log')
+  axes[1].invert_xaxis()
+  axes[0].set_ylabel(f'extractable share of training windows, k={k} (%)')
+  fig.suptitle('Memorization against fit (pooled over participants; faint: each '
+               'participant; star: best model)')
+  fig.legend(loc='lower center', ncol=min(6, len(curves)), fontsize=7)
+  fig.tight_layout(rect=(0, 0.06 + 0.035 * (-(-len(curves) // 6)), 1, 1))
   return _save(fig, path)
 
 
@@ -277,7 +319,7 @@ def write_figures(workdir: str) -> list:
           loss_curves(workdir, runs, os.path.join(out, 'loss_curves.png')),
           forgetting(runs, os.path.join(out, 'forgetting.png')),
           privacy_utility(runs, os.path.join(out, 'privacy_utility.png')),
-          dose_response(runs, os.path.join(out, 'dose_response.png'))]
+          memorization_vs_fit(runs, os.path.join(out, 'memorization_vs_fit.png'))]
   return [p for p in made if p]
 
 

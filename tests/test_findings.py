@@ -48,8 +48,11 @@ def _study(central=3.0, single=3.5, fed=3.1, central_mem=(20, 100), fed_mem=(5, 
   return runs
 
 
-def _verdicts(runs):
-  return [row[-1] for row in findings.findings(runs)[2]]
+FINAL, BEST, MATCHED = 5, 3, 7  # Verdict columns of the findings table.
+
+
+def _verdicts(runs, column=FINAL):
+  return [row[column] for row in findings.findings(runs)[2]]
 
 
 def test_every_finding_supported_by_a_study_that_shows_it():
@@ -93,7 +96,175 @@ def test_intervals_are_bootstraps_of_the_right_quantities():
 
 def test_findings_table_is_written_and_identical_on_rerun():
   runs = _study()
+  title, header, rows = findings.findings(runs)
+  assert header == ['finding', 'comparison', 'at best', 'verdict', 'at final', 'verdict',
+                    'at matched fit', 'verdict']
+  assert all(len(r) == len(header) for r in rows)
   a = tables.markdown(*findings.findings(runs))
   b = tables.markdown(*findings.findings(runs))
   assert a == b and a.count('| supported |') == 5
   assert 'findings' in tables.all_tables(runs, {})
+  assert 'parametric bootstrap' in title
+
+
+def test_results_without_best_fit_or_extractability_show_dashes():
+  rows = findings.findings(_study())[2]
+  assert [r[BEST - 1:BEST + 1] for r in rows] == [['–', '–']] * 5
+  assert [r[MATCHED] for r in rows] == ['–'] * 5
+  assert all(r[MATCHED - 1].startswith('–') for r in rows)
+
+
+# ---- Extractability, best models and matched fit ---------------------------------------
+
+def _ext(rates, n=1000, valid=0.002, cross=0.25):
+  """An extractability section: participant -> extractable share at k=32 of n windows."""
+  def block(rate):
+    return {'32': {'windows': n, 'extracted': round(rate * n), 'rate': rate}}
+  return {'ks': [32, 64], 'm': 32, 'skipped_ks': [], 'participants': {
+      p: {'train': block(r), 'valid': block(valid),
+          'cross_org': {'extracted': round(cross * round(r * n)), 'windows': n // 10}}
+      for p, r in rates.items()}}
+
+
+def _fit(losses):
+  return {'participants': {p: {'train_loss': v, 'tokens': 100} for p, v in losses.items()},
+          'pooled': {'train_loss': sum(losses.values()) / len(losses)}}
+
+
+def _path(run, points, **ext):
+  """The run with snapshots: points are (loss, share) of every participant, in training
+  order, the last one the final model's."""
+  snaps = [{'fraction': (i + 1) / len(points), 'step': i + 1,
+            'fit': _fit({p: loss for p in NAMES}),
+            'extractability': _ext({p: rate for p in NAMES}, **ext)}
+           for i, (loss, rate) in enumerate(points[:-1])]
+  loss, rate = points[-1]
+  return dict(run, snapshots=snaps, fit=_fit({p: loss for p in NAMES}),
+              extractability=_ext({p: rate for p in NAMES}, **ext))
+
+
+def _chain(run, recency):
+  """Stage points of a chain: a participant's loss falls to 2.0 in its stage and rises by
+  0.5 per later stage; its share follows its loss, or (recency) is 0.2 only right after
+  its own stage."""
+  order, stages = run['order'], []
+  for s in range(len(order)):
+    losses, rates = {}, {}
+    for p in order:
+      i = order.index(p)
+      losses[p] = 4.0 if s < i else 2.0 + 0.5 * (s - i)
+      rates[p] = (0.2 if s == i else 0.0) if recency else 0.1 * (4.0 - losses[p])
+    stages.append({'stage': s + 1, 'participant': order[s], 'fit': _fit(losses),
+                   'extractability': _ext(rates)})
+  return dict(run, snapshots=stages[:-1], **{k: stages[-1][k] for k in ('fit',
+                                                                        'extractability')})
+
+
+CENTRAL_PATH = ((4.0, 0.01), (3.0, 0.05), (2.0, 0.2))
+FED_PATH = ((4.0, 0.01), (3.5, 0.03), (3.0, 0.05))  # Ten rounds: it fits less.
+
+
+def _extracting_study(r32=((4.0, 0.01), (3.0, 0.05), (2.2, 0.17)), recency=True,
+                      cross=0.25):
+  """_study with extractability: FedAvg extracts like centralized at equal loss by
+  default (its longer run, r32, follows centralized's curve), but fits less in 10 rounds."""
+  runs = []
+  for r in _study():
+    if r['setting'] == 'centralized':
+      runs.append(_path(r, CENTRAL_PATH, cross=cross))
+    elif r['setting'] == 'federated':
+      runs.append(_path(r, FED_PATH, cross=cross))
+      if r32:
+        runs.append(_path(dict(r, run='federated-fedavg-r32'), r32, cross=cross))
+    elif r['setting'] == 'incremental':
+      runs.append(_chain(r, recency))
+    else:
+      runs.append(r)
+  return runs
+
+
+def test_extractability_decides_final_and_equal_fit_is_not_less_memorization():
+  runs = _extracting_study()
+  rows = findings.findings(runs)[2]
+  assert _verdicts(runs) == [findings.SUPPORTED] * 5
+  assert 'extractable -15.00 [' in rows[2][FINAL - 1]  # 5% vs 20% of windows.
+  assert 'clone ratio -15.0 [' in rows[2][FINAL - 1]  # The paper's measure beside it.
+  assert rows[2][MATCHED] == findings.INCONCLUSIVE  # Same share at the same loss.
+  assert rows[2][MATCHED - 1].startswith('federated-fedavg-r32 minus centralized at train '
+                                         'loss 3.100 (both reach [2.200, 4.000]): 0.00 [')
+  assert rows[3][MATCHED] == findings.SUPPORTED  # Recency beyond fit.
+  assert rows[4][MATCHED] == findings.SUPPORTED and 'at train loss 3.100' in rows[4][
+      MATCHED - 1]
+  assert rows[0][MATCHED] == rows[1][MATCHED] == '–'
+
+
+def test_federated_that_extracts_less_at_equal_fit_supports_finding3():
+  runs = _extracting_study(r32=((4.0, 0.005), (3.0, 0.025), (2.2, 0.085)))
+  assert _verdicts(runs, MATCHED)[2] == findings.SUPPORTED
+  more = _extracting_study(r32=((4.0, 0.02), (3.0, 0.1), (2.2, 0.3)))
+  assert _verdicts(more, MATCHED)[2] == findings.CONTRADICTED
+
+
+def test_fits_that_never_overlap_say_so():
+  runs = [_path(r, ((5.0, 0.0), (4.5, 0.01))) if r['setting'] == 'federated' else r
+          for r in _extracting_study(r32=None)]
+  row3, _, row5 = findings.findings(runs)[2][2:]
+  assert row3[MATCHED - 1] == ('fits never overlap: centralized reaches [2.000, 4.000], '
+                               'federated-fedavg [4.500, 5.000]')
+  assert row3[MATCHED] == findings.INCONCLUSIVE
+  assert row5[MATCHED - 1].startswith('– (F3 found no matched fit')
+
+
+def test_order_effect_that_fit_explains_is_not_supported_at_matched_fit():
+  runs = _extracting_study(recency=False)  # Shares follow the loss alone.
+  row = findings.findings(runs)[2][3]
+  assert row[FINAL] == findings.SUPPORTED and row[MATCHED] == findings.INCONCLUSIVE
+  assert 'mean over 3 participants' in row[MATCHED - 1]
+
+
+def test_no_cross_organization_extraction_contradicts_finding5_at_every_point():
+  runs = _extracting_study(cross=0.0)
+  assert _verdicts(runs)[4] == _verdicts(runs, MATCHED)[4] == findings.CONTRADICTED
+
+
+def test_best_model_is_judged_on_its_own_sections():
+  runs = []
+  for r in _extracting_study():
+    best = None
+    if r['setting'] == 'centralized':
+      best = {'step': 2, 'fraction': 2 / 3, 'extractability': _ext({p: 0.05 for p in NAMES})}
+    elif r['run'] == 'federated-fedavg':  # At its best FedAvg extracts more.
+      best = {'round': 2, 'fraction': 2 / 3, 'extractability': _ext({p: 0.1 for p in NAMES})}
+    runs.append(dict(r, models={'best': best}) if best else r)
+  rows = findings.findings(runs)[2]
+  assert rows[2][BEST] == findings.CONTRADICTED and rows[2][FINAL] == findings.SUPPORTED
+  assert rows[2][BEST - 1].startswith('extractable 5.00 [')
+
+
+def test_a_chain_best_at_an_earlier_stage_is_judged_on_what_it_has_seen():
+  runs = []
+  for r in _extracting_study():
+    if r['setting'] == 'incremental':
+      first, second = r['order'][:2]  # The best model ends stage 2: `second` seen last.
+      losses = {p: _losses(2.8 if p == second else 3.2, seed=30)[p] for p in NAMES}
+      r = dict(r, models={'best': {
+          'stage': 2, 'participant': second, 'step': 100, 'fraction': 1.0,
+          'perplexity_blocks': losses,
+          'memorization': _mem({first: (10, 100), second: (30, 100), r['order'][2]: (0, 100)}),
+          'extractability': _ext({first: 0.0, second: 0.2, r['order'][2]: 0.0})}})
+    runs.append(r)
+  row = findings.findings(runs)[2][3]
+  assert row[BEST] == findings.SUPPORTED
+  assert '(last 1200/6000, others 0/6000 windows)' in row[BEST - 1]
+
+
+def test_extractability_without_cross_organization_counts_is_not_zero_clones():
+  runs = _extracting_study()
+  for r in runs:
+    for point in [r] + (r.get('snapshots') or []):
+      for block in ((point.get('extractability') or {}).get('participants') or {}).values():
+        block.pop('cross_org', None)
+  row = findings.findings(runs)[2][4]
+  assert row[FINAL] == findings.SUPPORTED and row[FINAL - 1].startswith('clone spans:')
+  assert row[MATCHED - 1].startswith('– (extractability counted no cross') and row[
+      MATCHED] == '–'

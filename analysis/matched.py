@@ -1,0 +1,349 @@
+"""Memorization against fit: extractable shares compared at equal training loss.
+
+Settings learn at different speeds (FedAvg fits more slowly than pooled training), so a
+difference in memorization at the end of training mixes "how it trains" with "how far
+it got". Here each run is a path through (fit, memorization): its snapshots, its best
+model and its final model, where fit is a participant's own training loss (results.json
+'fit') and memorization the extractable share of its training windows at the primary k
+(results.json 'extractability'). Two settings are then compared at the same fit.
+
+- `trajectory(run, participant)`: the path's points in training order.
+- `at_loss(trajectory, loss)`: the share interpolated linearly in loss between the two
+  adjacent points that bracket `loss` (None outside the path's range: no extrapolation),
+  with a seeded parametric-bootstrap interval (`CAPTION` states the method).
+- `matched_difference(a, b)`: b - a at the midpoint of the two paths' overlap in loss, or
+  why there is none ("fits never overlap: ...").
+
+Also the bootstrap primitives analysis.findings builds on, so both give the same bytes.
+"""
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+RESAMPLES = 2000
+SEED = 1
+_NEAR = 1e-9  # Two snapshots at the same fraction of training are the same model.
+
+CAPTION = (
+    'Matched fit: each run\'s path of (own training loss, extractable share of training '
+    'windows at the primary k) over its snapshots, best and final models; the share at a '
+    'loss is interpolated linearly between the two adjacent points in training order that '
+    'bracket it (the first such pair; none outside the path: no extrapolation). Settings '
+    'are compared at the midpoint of the loss range every compared path reaches. '
+    'Interval: parametric bootstrap, drawing Binomial(n, r)/n at both bracketing points '
+    f'({RESAMPLES} draws, seed {SEED}) and interpolating each draw with the same weight; '
+    '2.5/97.5 percentiles. A point with no extracted window draws only zeros.')
+
+
+# ---- Bootstrap primitives ---------------------------------------------------------------
+
+def interval(stats_R) -> list:
+  """The 95% percentile interval of bootstrap replicates."""
+  return [float(np.percentile(stats_R, 2.5)), float(np.percentile(stats_R, 97.5))]
+
+
+def share_draws(k: int, n: int, rng) -> np.ndarray:
+  """Bootstrap replicates of a share k/n: resampling n flags of which k are True."""
+  return rng.binomial(n, k / n, RESAMPLES) / n
+
+
+def mean_interval(values_N) -> tuple:
+  """(mean, 95% interval) of the mean of paired differences, resampling them."""
+  values_N = np.asarray(values_N, np.float64)
+  if values_N.size == 0:
+    return None, None
+  rng = np.random.default_rng(SEED)
+  idx_RxN = rng.integers(0, values_N.size, (RESAMPLES, values_N.size))
+  return float(values_N.mean()), interval(values_N[idx_RxN].mean(axis=1))
+
+
+def share_interval(k: int, n: int) -> tuple:
+  if not n:
+    return None, None
+  return k / n, interval(share_draws(k, n, np.random.default_rng(SEED)))
+
+
+def difference_interval(a: tuple, b: tuple) -> tuple:
+  """(a share - b share, 95% interval) for independent samples a = (k, n), b = (k, n)."""
+  (ka, na), (kb, nb) = a, b
+  if not na or not nb:
+    return None, None
+  rng = np.random.default_rng(SEED)
+  diff_R = share_draws(ka, na, rng) - share_draws(kb, nb, rng)
+  return ka / na - kb / nb, interval(diff_R)
+
+
+# ---- Reading extractability and fit -----------------------------------------------------
+
+def primary_k(section: dict | None) -> str | None:
+  """The smallest k the audit measured (results.json keys k as strings)."""
+  skipped = {str(k) for k in (section or {}).get('skipped_ks') or ()}
+  ks = [int(k) for k in (section or {}).get('ks') or () if str(k) not in skipped]
+  return str(min(ks)) if ks else None
+
+
+def counts(section: dict | None, participant: str, split: str = 'train') -> tuple:
+  """(extracted windows, windows) of one participant at the primary k; (0, 0) if absent."""
+  k = primary_k(section)
+  block = ((((section or {}).get('participants') or {}).get(participant) or {})
+           .get(split) or {}).get(k) or {}
+  return int(block.get('extracted') or 0), int(block.get('windows') or 0)
+
+
+def cross_counts(section: dict | None, participant: str) -> tuple:
+  """(extracted windows that are cross-organization clones, extracted windows); (0, 0)
+  where the audit did not look for cross-organization clones (not: none found)."""
+  block = (((section or {}).get('participants') or {}).get(participant) or {})
+  if block.get('cross_org') is None:
+    return 0, 0
+  return int(block['cross_org'].get('extracted') or 0), counts(section, participant)[0]
+
+
+def has_cross(section: dict | None) -> bool:
+  """Whether the audit counted cross-organization clones among extracted windows."""
+  parts = ((section or {}).get('participants') or {}).values()
+  return any(b.get('cross_org') is not None for b in parts)
+
+
+def total(pairs) -> tuple:
+  """(sum of k, sum of n) of (k, n) count pairs."""
+  pairs = list(pairs)
+  return sum(k for k, _ in pairs), sum(n for _, n in pairs)
+
+
+def summed_counts(runs, participants, split: str = 'train') -> tuple:
+  """(extracted windows, windows) at the primary k over runs and participants."""
+  return total(counts(r.get('extractability'), p, split) for r in runs for p in participants)
+
+
+def summed_cross(runs) -> tuple:
+  """(extracted windows that are cross-org clones, extracted windows) over runs."""
+  return total(cross_counts(r.get('extractability'), p)
+               for r in runs for p in measured(r.get('extractability')))
+
+
+def measured(section: dict | None) -> list:
+  """The participants an extractability section audited."""
+  return list(((section or {}).get('participants') or {}))
+
+
+def fit_loss(fit: dict | None, participant: str | None) -> float | None:
+  """A participant's own training loss; None: the pooled one (token-weighted mean)."""
+  fit = fit or {}
+  if participant is not None:
+    return ((fit.get('participants') or {}).get(participant) or {}).get('train_loss')
+  pooled = (fit.get('pooled') or {}).get('train_loss')
+  if pooled is not None:
+    return pooled
+  parts = [v for v in (fit.get('participants') or {}).values() if v.get('train_loss')
+           is not None and v.get('tokens')]
+  tokens = sum(v['tokens'] for v in parts)
+  return sum(v['train_loss'] * v['tokens'] for v in parts) / tokens if tokens else None
+
+
+# ---- Trajectories -----------------------------------------------------------------------
+
+def place(point: dict, stages: int) -> tuple:
+  """(stage, share of it done) of one of a run's models: it orders them and says when
+  two are one model. Snapshot fractions are of the whole run; a chain's stage points end
+  their stage, and its best point gives its stage and the share of that stage done."""
+  if point.get('model') == 'final':
+    return stages, 1.0
+  if stages and point.get('model') != 'best':
+    return point.get('stage', 0), 1.0 if 'stage' in point else point.get('fraction', 1.0)
+  return point.get('stage', 0) if stages else 0, float(point.get('fraction', 1.0))
+
+
+def _same_place(a: tuple, b: tuple) -> bool:
+  return a[0] == b[0] and math.isclose(a[1], b[1], abs_tol=_NEAR)
+
+
+def stages_of(run: dict) -> int:
+  """A chain's number of stages; 0 for a run that is not a chain."""
+  return len(run.get('order') or ()) if run.get('setting') == 'incremental' else 0
+
+
+def path_points(run: dict) -> list:
+  """A run's models in training order: snapshots (an incremental chain's stage points),
+  the best model where it falls (once: the best is often a snapshot or the final model
+  itself), then the final model. Each point is tagged with 'model' (its name on the
+  path) and the best one with 'is_best': True."""
+  stages = stages_of(run)
+  points = [{**p, 'model': _label(p)} for p in run.get('snapshots') or []]
+  points.append({**run, 'model': 'final'})
+  best = (run.get('models') or {}).get('best')
+  if best is not None:
+    where = place({**best, 'model': 'best'}, stages)
+    same = [i for i, p in enumerate(points) if _same_place(where, place(p, stages))]
+    if same:
+      points[same[0]]['is_best'] = True
+    else:
+      at = next(i for i, p in enumerate(points) if place(p, stages) > where
+                or p['model'] == 'final')
+      points.insert(at, {**best, 'model': 'best', 'is_best': True})
+  return points
+
+
+def _point_counts(ext: dict, participant: str | None, measure: str) -> tuple:
+  get = cross_counts if measure == 'cross_org' else counts
+  names = measured(ext) if participant is None else [participant]
+  return total(get(ext, p) for p in names)
+
+
+def trajectory(run: dict, participant: str | None = None, measure: str = 'train') -> list:
+  """[{'loss', 'extracted', 'windows', 'rate', 'model'}] in training order: a participant's
+  own training loss and its extractable share (None: over all participants, pooled
+  loss and summed windows). measure='cross_org': the share of extracted windows that are
+  cross-organization clones. Points without fit, or with nothing to share, are left out."""
+  out = []
+  for p in path_points(run):
+    loss = fit_loss(p.get('fit'), participant)
+    c, n = _point_counts(p.get('extractability'), participant, measure)
+    if loss is not None and n:
+      out.append({'loss': float(loss), 'extracted': c, 'windows': n, 'rate': c / n,
+                  'model': p['model']})
+  return out
+
+
+def _label(point: dict) -> str:
+  """'stage 2', 'round 8', 'step 400': where a snapshot stands in training."""
+  for key in ('stage', 'round', 'step'):
+    if point.get(key) is not None:
+      return f'{key} {point[key]}'
+  return f"fraction {point.get('fraction')}"
+
+
+def loss_range(traj: Sequence[dict]) -> tuple | None:
+  losses = [p['loss'] for p in traj]
+  return (min(losses), max(losses)) if losses else None
+
+
+def _bracket(traj: Sequence[dict], loss: float) -> tuple | None:
+  """(point a, point b, weight of b) of the first adjacent pair that brackets `loss`.
+  Paths need not fall monotonically (an incremental participant's loss rises again
+  while later stages train on others): the first crossing is when the run first
+  reaches that fit."""
+  if not traj:
+    return None
+  for a, b in list(zip(traj, traj[1:])) or [(traj[0], traj[0])]:
+    lo, hi = sorted((a['loss'], b['loss']))
+    if lo <= loss <= hi:
+      return a, b, 0.0 if hi == lo else (loss - a['loss']) / (b['loss'] - a['loss'])
+  return None
+
+
+def _draws(a: dict, b: dict, w: float, rng) -> np.ndarray:
+  draw_a = share_draws(a['extracted'], a['windows'], rng)
+  draw_b = share_draws(b['extracted'], b['windows'], rng)
+  return (1 - w) * draw_a + w * draw_b
+
+
+def at_loss(traj: Sequence[dict], loss: float, rng=None) -> dict | None:
+  """{'loss', 'rate', 'ci95', 'between', 'weight', 'draws'} of the share interpolated at
+  `loss`; None where the path does not reach it. 'draws' are the bootstrap replicates."""
+  found = _bracket(traj, loss)
+  if found is None:
+    return None
+  a, b, w = found
+  draws = _draws(a, b, w, rng if rng is not None else np.random.default_rng(SEED))
+  return {'loss': loss, 'rate': (1 - w) * a['rate'] + w * b['rate'], 'ci95': interval(draws),
+          'between': (a['model'], b['model']), 'weight': w, 'draws': draws}
+
+
+def group_at_loss(trajs: Sequence[Sequence[dict]], loss: float, rng) -> dict | None:
+  """The mean over paths (seeds, chains) of their interpolated shares; None unless every
+  path reaches `loss`."""
+  each = [at_loss(t, loss, rng) for t in trajs]
+  if not each or any(e is None for e in each):
+    return None
+  draws = np.mean([e['draws'] for e in each], axis=0)
+  return {'loss': loss, 'rate': float(np.mean([e['rate'] for e in each])),
+          'ci95': interval(draws), 'draws': draws}
+
+
+# ---- Comparing two settings at equal fit ------------------------------------------------
+
+def _group(side) -> list:
+  """A trajectory, or a list of trajectories (seeds), as a list of trajectories."""
+  return [side] if side and isinstance(side[0], dict) else list(side or [])
+
+
+def _intersect(ranges) -> tuple | None:
+  if not ranges or None in ranges:
+    return None
+  lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
+  return (lo, hi) if lo <= hi else None
+
+
+def common_range(trajs: Sequence[Sequence[dict]]) -> tuple | None:
+  """The loss range every path reaches (a path is connected, so it reaches every loss
+  between its lowest and highest); None if they share none or one is empty."""
+  return _intersect([loss_range(t) for t in trajs])
+
+
+def _span(r) -> str:
+  return f'[{r[0]:.3f}, {r[1]:.3f}]' if r else 'no fit with extractability'
+
+
+def matched_difference(a, b, names: tuple = ('A', 'B'), level: float | None = None,
+                       rng=None) -> dict:
+  """b - a in extractable share at equal training loss, with its 95% interval.
+
+  a and b are trajectories, or lists of trajectories (seeds: every one must reach the
+  level, and each side is their mean). The level is `level` or the midpoint of the
+  overlap of the two sides' loss ranges: the fit farthest from where either side's path
+  ends, so neither estimate rests on one extreme point. Returns {'matched': True,
+  'loss', 'overlap', 'a', 'b' (each {'rate', 'ci95'}), 'diff', 'ci95', 'draws'} or
+  {'matched': False, 'reason'} ('fits never overlap: A reaches [x1, x2], B [y1, y2]').
+  """
+  a, b = _group(a), _group(b)
+  ra, rb = common_range(a), common_range(b)
+  both = _intersect([ra, rb])
+  empty = [n for n, side in zip(names, (a, b)) if not side or not all(side)]
+  if empty:
+    reason = f"{' and '.join(empty)}: no model with fit and extractability"
+  elif None in (ra, rb):
+    reason = f'the {names[0] if ra is None else names[1]} runs (seeds) share no fit'
+  elif both is None:
+    reason = f'fits never overlap: {names[0]} reaches {_span(ra)}, {names[1]} {_span(rb)}'
+  if both is None:
+    return {'matched': False, 'ranges': (ra, rb), 'reason': reason}
+  loss = (both[0] + both[1]) / 2 if level is None else level
+  rng = rng if rng is not None else np.random.default_rng(SEED)
+  at_a, at_b = group_at_loss(a, loss, rng), group_at_loss(b, loss, rng)
+  if at_a is None or at_b is None:
+    return {'matched': False, 'ranges': (ra, rb),
+            'reason': f'train loss {loss:.3f} lies outside {_span(both)}'}
+  draws = at_b['draws'] - at_a['draws']
+  return {'matched': True, 'loss': loss, 'overlap': both,
+          'a': {k: at_a[k] for k in ('rate', 'ci95')},
+          'b': {k: at_b[k] for k in ('rate', 'ci95')},
+          'diff': at_b['rate'] - at_a['rate'], 'ci95': interval(draws), 'draws': draws}
+
+
+def mean_difference(results: Sequence[dict]) -> dict | None:
+  """The mean of several matched differences (e.g. one per participant, each at its own
+  level), replicate by replicate; None if none matched. Their replicates must come from
+  one rng passed through matched_difference, so that they are independent."""
+  done = [r for r in results if r.get('matched')]
+  if not done:
+    return None
+  draws = np.mean([r['draws'] for r in done], axis=0)
+  return {'diff': float(np.mean([r['diff'] for r in done])), 'ci95': interval(draws),
+          'count': len(done)}
+
+
+def widest_overlap(reference: tuple, candidates: dict) -> tuple:
+  """((name, result), every result) for the candidate (name -> trajectories) whose fit
+  overlaps the reference's (name, trajectories) over the widest loss range: of several
+  runs of a setting (FedAvg over 8 or 32 rounds) the one that reaches the reference's
+  fit best. (None, None) when none overlaps; ties go to the first name."""
+  ref_name, ref = reference
+  tried = {name: matched_difference(ref, trajs, (ref_name, name))
+           for name, trajs in sorted(candidates.items())}
+  done = [(name, r) for name, r in tried.items() if r['matched']]
+  best = max(done, key=lambda t: t[1]['overlap'][1] - t[1]['overlap'][0],
+             default=(None, None))
+  return best, tried
