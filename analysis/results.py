@@ -53,3 +53,28 @@ def participants(runs: Sequence[dict]) -> list:
       if p != 'pooled' and p not in seen:
         seen.append(p)
   return seen
+
+
+MODEL_ORDER = ('final', 'best')  # results.json: the final model's sections at top level,
+# every other model's under results['models'][name] (collab.evaluate).
+
+
+def models_of(run: dict) -> list:
+  """The models a run was evaluated on: 'final', then those under results['models']."""
+  return ['final'] + [m for m in sorted(run.get('models') or {},
+                                         key=lambda m: (MODEL_ORDER + (m,)).index(m))]
+
+
+def model_view(run: dict, model: str) -> dict | None:
+  """The run as if `model` were its only model: its sections (perplexity, memorization,
+  extractability, ...) replace the final model's, with 'model' set; None when the run has
+  no such model. Runs from before models existed have only 'final'."""
+  if model == 'final':
+    return {**run, 'model': 'final'}
+  other = (run.get('models') or {}).get(model)
+  return None if other is None else {**run, **other, 'model': model}
+
+
+def model_views(runs: Sequence[dict], models: Sequence[str] = MODEL_ORDER) -> list:
+  """Every run's view for each of `models` it has, run by run (final first)."""
+  return [v for r in runs for m in models if (v := model_view(r, m)) is not None]

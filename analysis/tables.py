@@ -4,11 +4,12 @@ r"""The study's tables, as Markdown and LaTeX, from results.json files only.
 
 Reads the results.json of the runs WORKDIR/summary.json lists (without one, every
 WORKDIR/*/results.json) and summary.json's study-wide cross-organization analysis, writes
-WORKDIR/tables/{name}.md and {name}.tex, and prints the Markdown. The privacy tables
-(privacy, canaries, membership) appear only when some run has a DP budget, canary
-exposure or membership inference in its results, and the clients table only when a run
-audited finer clients than the participants, and the duplication table only when a run's
-memorization has a duplication breakdown. `findings` answers PROTOCOL's five findings
+WORKDIR/tables/{name}.md and {name}.tex, and prints the Markdown. Its own tables
+(effectiveness, incremental, cross-organization, privacy, trajectories) come first, then
+each evaluator's (collab/evals/evaluators.py: memorization, duplication, clients,
+extractability, ranking, canaries, membership), each from every model's view of the runs
+(final and best: a `model` column), and only where some run has that section.
+`findings` answers PROTOCOL's five findings
 with intervals and verdicts (analysis/findings.py). Runs repeated
 over seeds (`name@seedN`) are shown as mean ± standard deviation. Every table ends with
 the machine its results were measured on, as results.json and summary.json recorded it
@@ -26,38 +27,20 @@ from absl import app
 from absl import flags
 
 from analysis import captions
+from collab.evals import evaluators
+from collab.evals import interface
+from collab.evals.interface import fmt, fmt_ci  # noqa: F401 (tests and plots use them)
+from collab.evals.memorization import clone_audit
+from collab.evals.privacy import exposure
+from collab.evals.privacy import membership as membership_eval
 from analysis import findings as findings_lib
 # plots, launch.study and tests read results through this module's names.
 from analysis.results import group_seeds, load_results, load_summary  # noqa: F401
+from analysis.results import model_views
 from analysis.results import participants as _participants
 
 
 # ---- Formatting -------------------------------------------------------------------------
-
-def fmt(values: Sequence, digits: int = 2, percent: bool = False) -> str:
-  """One value, or mean ± sd over seeds; '–' where missing."""
-  values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-  if not values:
-    return '–'
-  scale = 100.0 if percent else 1.0
-  mean = statistics.fmean(values) * scale
-  # A diverged model's perplexity (1e298) in scientific notation rather than 300 digits.
-  style = 'e' if math.isfinite(mean) and abs(mean) >= 1e6 else 'f'
-  text = f'{mean:.{digits}{style}}'
-  if len(values) > 1:
-    text += f' ± {statistics.stdev(values) * scale:.{digits}{style}}'
-  return text
-
-
-def fmt_ci(value, ci, digits: int = 1) -> str:
-  """A percentage with its 95% interval: '12.5 [8.0, 17.0]'."""
-  if value is None:
-    return '–'
-  text = f'{100 * value:.{digits}f}'
-  if ci:
-    text += f' [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]'
-  return text
-
 
 def markdown(title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
              caption: str = '') -> str:
@@ -99,70 +82,24 @@ def _ks(runs: Sequence[dict]) -> list:
 
 
 def effectiveness(runs: Sequence[dict]) -> tuple:
-  """Perplexity per participant and pooled, and pass@k, for every run."""
-  parts, ks = _participants(runs), _ks(runs)
-  header = ['run', 'setting'] + [f'ppl {p}' for p in parts] + ['ppl pooled'] + [
-      f'pass@{k} (%)' for k in ks]
+  """Perplexity per participant and pooled, and pass@k, for every run and model."""
+  parts, ks = _participants(runs), _ks(model_views(runs))
+  header = ['run', 'model', 'setting', 'at % of training'] + [f'ppl {p}' for p in parts] + [
+      'ppl pooled'] + [f'pass@{k} (%)' for k in ks]
   rows = []
-  for name, group in group_seeds(runs).items():
-    row = [name, group[0]['setting']]
+  for (name, model), group in interface.group_views(model_views(runs)).items():
+    row = [name, model, group[0]['setting'],
+           fmt([100.0 if model == 'final' else (group[0].get('fraction') or 0) * 100], 0)]
     row += [fmt([g['perplexity'].get(p) for g in group]) for p in parts + ['pooled']]
     row += [fmt([((g.get('passk') or {}).get('pass_at_k') or {}).get(f'pass@{k}')
                  for g in group], 1, percent=True) for k in ks]
     rows.append(row)
-  return 'Effectiveness: validation perplexity and HumanEval pass@k', header, rows
+  return ('Effectiveness: validation perplexity and HumanEval pass@k of the final model '
+          'and of the best one (lowest pooled validation loss)', header, rows)
 
 
 def _mem(run: dict, participant: str, key: str):
   return ((run.get('memorization') or {}).get('participants', {}).get(participant) or {}).get(key)
-
-
-def memorization(runs: Sequence[dict]) -> tuple:
-  """Memorization ratio (95% CI), memorized lines and fingerprints, beside the null baseline."""
-  header = ['run', 'participant', 'samples', 'ratio % [95% CI]', 'memorized lines',
-            'fingerprints', 'exclusive', 'shared', 'null ratio %']
-  rows = []
-  for name, group in group_seeds(runs).items():
-    for p in _participants(group):
-      if _mem(group[0], p, 'samples') is None:
-        continue
-      ratio = (fmt_ci(_mem(group[0], p, 'ratio'), _mem(group[0], p, 'ratio_ci95'))
-               if len(group) == 1 else fmt([_mem(g, p, 'ratio') for g in group], 1, True))
-      rows.append([name, p, fmt([_mem(g, p, 'samples') for g in group], 0), ratio] + [
-          fmt([_mem(g, p, k) for g in group], 0)
-          for k in ('memorized_lines', 'fingerprints', 'exclusive_spans', 'shared_spans')] + [
-          fmt([_mem(g, p, 'null_ratio') for g in group], 1, percent=True)])
-  return 'Memorization per participant (clones of >= 6 lines in generated code)', header, rows
-
-
-_COPY_LABELS = {'1': '1', '2-4': '2–4', '>=5': '5+'}  # '>' and '≥' do not survive LaTeX.
-
-
-def _dup(run: dict, who: str, bucket: str, key: str):
-  dup = (run.get('memorization') or {}).get('duplication') or {}
-  block = dup.get('all') if who == 'all' else dup.get('participants', {}).get(who)
-  return ((block or {}).get('buckets', {}).get(bucket) or {}).get(key)
-
-
-def duplication(runs: Sequence[dict]) -> tuple:
-  """Memorized spans by the copy count of the training file they match (1, 2-4, 5+):
-  each bucket's share of spans beside its share of training windows, and their ratio."""
-  header = ['run', 'participant', 'copies', 'files', 'training windows %',
-            'memorized spans', 'spans %', 'relative rate']
-  rows = []
-  for name, group in group_seeds(runs).items():
-    dup = (group[0].get('memorization') or {}).get('duplication')
-    if not dup:
-      continue
-    who = list(dup['participants']) + (['all'] if len(dup['participants']) > 1 else [])
-    for p in who:
-      for b in dup['bucket_names']:
-        rows.append([name, p, _COPY_LABELS.get(b, b)] + [
-            fmt([_dup(g, p, b, k) for g in group], *spec) for k, spec in (
-                ('files', (0,)), ('window_share', (1, True)), ('spans', (0,)),
-                ('span_share', (1, True)), ('relative_rate', (2,)))])
-  return ('Memorization by duplication: spans per copy count of the matched training file '
-          '(relative rate = spans % / training windows %)', header, rows)
 
 
 def incremental(runs: Sequence[dict]) -> tuple:
@@ -206,45 +143,12 @@ def repository_pairs(summary: dict) -> tuple:
 
 # ---- Privacy (DP budget, canary exposure, membership inference) --------------------------
 
-def _mean(values):
-  values = [v for v in values if v is not None]
-  return statistics.fmean(values) if values else None
-
-
-def _trained(run: dict) -> list:
-  """The participants a run trained on (exposure and MIA are averaged over these)."""
-  return list(run.get('participants') or _participants([run]))
-
-
-def noise_multiplier(run: dict):
-  return (run.get('privacy') or {}).get('noise_multiplier')
-
-
-def exposure_of(run: dict, repeats: int, participant: str | None = None):
-  """Mean canary exposure at a repeat count: of one participant, or of those trained on."""
-  parts = ((run.get('canaries') or {}).get('participants') or {})
-  names = [participant] if participant else _trained(run)
-  return _mean([((parts.get(p) or {}).get('by_repeats') or {}).get(str(repeats))
-                for p in names])
-
-
-def mia_of(run: dict, score: str, key: str = 'auroc', participant: str | None = None):
-  """A membership-inference number: of one participant, or the mean over those trained on."""
-  parts = ((run.get('membership') or {}).get('participants') or {})
-  names = [participant] if participant else _trained(run)
-  return _mean([((parts.get(p) or {}).get(score) or {}).get(key) for p in names])
-
-
-def memorization_ratio(run: dict):
-  """The memorization ratio averaged over the participants the run trained on."""
-  return _mean([_mem(run, p, 'ratio') for p in _trained(run)])
-
-
-def _repeat_counts(runs: Sequence[dict]) -> list:
-  counts = set()
-  for r in runs:
-    counts.update(int(n) for n in ((r.get('canaries') or {}).get('by_repeats') or {}))
-  return sorted(counts)
+exposure_of = exposure.exposure_of
+mia_of = membership_eval.mia_of
+memorization_ratio = clone_audit.ratio_of
+noise_multiplier = interface.noise_multiplier
+_mean = interface.mean  # plots' privacy figure reads these two.
+_repeat_counts = exposure.repeat_counts
 
 
 def fmt_epsilon(group: Sequence[dict]) -> str:
@@ -265,21 +169,13 @@ def fmt_noise(group: Sequence[dict]) -> str:
   return '–' if z is None else f'{z:g}'
 
 
-def _privacy_order(groups: dict) -> list:
-  """Runs without DP first (in their order), then DP runs by noise multiplier."""
-  plain = [n for n, g in groups.items() if noise_multiplier(g[0]) is None]
-  dp = sorted((n for n, g in groups.items() if noise_multiplier(g[0]) is not None),
-              key=lambda n: (noise_multiplier(groups[n][0]), n))
-  return plain + dp
-
-
 def privacy(runs: Sequence[dict]) -> tuple:
   """Per run: noise multiplier, ε, perplexity, memorization, exposure and MIA AUROC."""
-  counts, groups = _repeat_counts(runs), group_seeds(runs)
+  counts, groups = exposure.repeat_counts(runs), group_seeds(runs)
   header = (['run', 'noise multiplier', 'ε', 'ppl pooled', 'mem ratio %'] +
             [f'exposure {n}x' for n in counts] + ['MIA AUROC loss', 'MIA AUROC min-k'])
   rows = []
-  for name in _privacy_order(groups):
+  for name in interface.privacy_ordered(groups):
     group = groups[name]
     rows.append([name, fmt_noise(group), fmt_epsilon(group),
                  fmt([g['perplexity'].get('pooled') for g in group]),
@@ -288,61 +184,6 @@ def privacy(runs: Sequence[dict]) -> tuple:
                 [fmt([mia_of(g, s) for g in group], 3) for s in ('loss', 'min_k')])
   return ('Privacy and utility (exposure in bits and MIA AUROC: means over the '
           'participants each run trained on)', header, rows)
-
-
-def canaries(runs: Sequence[dict]) -> tuple:
-  """Mean exposure per run, participant and repeat count."""
-  counts = _repeat_counts(runs)
-  space = next((r['canaries'].get('log2_space') for r in runs if r.get('canaries')), None)
-  header = ['run', 'participant', 'trained on'] + [f'exposure {n}x' for n in counts]
-  rows, groups = [], group_seeds(runs)
-  for name in _privacy_order(groups):
-    group = groups[name]
-    if not group[0].get('canaries'):
-      continue
-    for p in group[0]['canaries']['participants']:
-      rows.append([name, p, 'yes' if p in _trained(group[0]) else 'no'] +
-                  [fmt([exposure_of(g, n, p) for g in group]) for n in counts])
-  return (f'Canary exposure in bits (max log2|R| = {space:.1f})', header, rows)
-
-
-def membership(runs: Sequence[dict]) -> tuple:
-  """AUROC and TPR at the configured FPR per run, participant and score."""
-  fpr = next(r['membership']['settings']['fpr'] for r in runs if r.get('membership'))
-  tpr = f'TPR@{100 * fpr:g}%FPR %'
-  header = ['run', 'participant', 'trained on', 'members / non-members', 'AUROC loss',
-            f'{tpr} loss', 'AUROC min-k', f'{tpr} min-k']
-  rows, groups = [], group_seeds(runs)
-  for name in _privacy_order(groups):
-    group = groups[name]
-    parts = (group[0].get('membership') or {}).get('participants') or {}
-    for p, m in parts.items():
-      if not m:
-        continue
-      rows.append([name, p, 'yes' if p in _trained(group[0]) else 'no',
-                   f"{m['members']} / {m['nonmembers']}"] + [
-          fmt([mia_of(g, s, k, p) for g in group], *spec) for s in ('loss', 'min_k')
-          for k, spec in (('auroc', (3,)), ('tpr_at_fpr', (1, True)))])
-  return ('Membership inference: training vs validation files', header, rows)
-
-
-def leaking_clients(runs: Sequence[dict], top: int = 10) -> tuple:
-  """The clients (repositories, folders or shards) whose code each run gives back most."""
-  header = ['run', 'client', 'participant', 'blocks', 'files', 'memorized spans',
-            'memorized lines', 'samples', 'exclusive spans', 'duplication %']
-  rows, granularity = [], ''
-  for run in runs:
-    block = (run.get('memorization') or {}).get('clients')
-    if not block:
-      continue
-    granularity = block['granularity']
-    rows += [[run['run'], c['client'], c['participant']] + [
-        fmt([c[k]], 0) for k in ('blocks', 'files', 'memorized_spans', 'memorized_lines',
-                                 'memorized_samples', 'exclusive_spans')] + [
-        fmt([c['duplication']], 1, percent=True)] for c in block['clients'][:top]]
-    if not block['clients']:
-      rows.append([run['run'], f"(none of {block['num_clients']} clients)"] + ['–'] * 8)
-  return (f'Clients that leak most ({granularity}; top {top} per run)', header, rows)
 
 
 def _metrics(run_dir: str) -> list:
@@ -376,8 +217,9 @@ def trajectories(workdir: str, runs: Sequence[dict]) -> tuple:
 
 
 def all_tables(runs: Sequence[dict], summary: dict) -> dict:
-  """name -> (title, header, rows), in the order they are printed."""
-  tables = {'effectiveness': effectiveness(runs), 'memorization': memorization(runs)}
+  """name -> (title, header, rows), in the order they are printed: the study's own
+  tables, then each evaluator's (collab/evals/evaluators.py) from every model's view."""
+  tables = {'effectiveness': effectiveness(runs)}
   if any(r['setting'] == 'incremental' for r in runs):
     tables['incremental'] = incremental(runs)
   if summary.get('crossorg'):
@@ -388,14 +230,10 @@ def all_tables(runs: Sequence[dict], summary: dict) -> dict:
   # Privacy tables only where a run has something to show: older results stay as they were.
   if any(r.get(k) for r in runs for k in ('privacy', 'canaries', 'membership')):
     tables['privacy'] = privacy(runs)
-  if any(r.get('canaries') for r in runs):
-    tables['canaries'] = canaries(runs)
-  if any(r.get('membership') for r in runs):
-    tables['membership'] = membership(runs)
-  if any((r.get('memorization') or {}).get('clients') for r in runs):
-    tables['clients'] = leaking_clients(runs)
-  if any((r.get('memorization') or {}).get('duplication') for r in runs):
-    tables['duplication'] = duplication(runs)
+  views = model_views(runs)
+  for ev in evaluators.ALL:
+    for table in ev.tables(views):
+      tables[table.stem] = (table.title, table.header, table.rows)
   return tables
 
 

@@ -1,11 +1,20 @@
-"""Evaluates a finished run into WORKDIR/results.json: perplexity, pass@k, memorization,
-and the privacy audits: canary exposure, membership inference and the DP budget.
+"""Evaluates a finished run into WORKDIR/results.json, model by model, evaluator by evaluator.
 
-Every setting ends by exporting its final model to WORKDIR/final (a Hugging Face GPT-2
-folder, see collab.settings.run.finish), so evaluation is the same for all of them.
-Each part is written to its own file as it finishes (passk/result.json, memorization/...,
-canaries/result.json, membership/result.json)
-and skipped when present, so an interrupted evaluation resumes where it stopped.
+Every setting ends by exporting its final model to WORKDIR/final and the model with the
+lowest pooled validation loss to WORKDIR/best (Hugging Face GPT-2 folders, see
+collab.settings.run), so evaluation is the same for all of them. Each model is evaluated
+by the evaluators of collab/evals/evaluators.py (one face: collab/evals/interface.py):
+
+- the final model's sections sit at the top of results.json, as they always have;
+- every other model of config.eval.models ('best') under results['models'][name];
+- the run's trajectory under results['snapshots']: its snapshots (WORKDIR/snapshots/*)
+  and, for an incremental chain, every stage before the last, each evaluated by the
+  evaluators config.eval.snapshot_evals names (plus the clone audit where the study
+  asks for it).
+
+Each evaluator's section is written to its own file as it finishes (EVAL_DIR/NAME/
+result.json, see interface.py for the evaluation folders) and reused while its key
+holds, so an interrupted evaluation resumes where it stopped.
 """
 
 import hashlib
@@ -13,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -21,67 +31,69 @@ from collab import hf
 from collab import io
 from collab import provenance
 from collab.data import blocks as blocks_lib
-from collab.data import canaries as canaries_lib
 from collab.data import tokenizer as tokenizer_lib
-from collab.evals.memorization import clients as client_memorization
-from collab.evals.privacy import exposure
-from collab.evals.memorization import audit as memorization
-from collab.evals.privacy import membership
-from collab.evals.execution import passk
-from collab.evals.generation import sampling
+from collab.evals import evaluators
+from collab.evals import interface
 from collab.evals.generation import scoring
-from collab.evals import stats
 from collab.settings import incremental
 from collab.settings import run
 
 RESULTS_JSON = 'results.json'
+BEST_DIR = 'best'  # The best model (collab.settings.run), with its point.json.
+POINT_JSON = 'point.json'
 
 
 class NotTrainedError(FileNotFoundError):
   """The run has no finished training to evaluate."""
 
 
+class Model(NamedTuple):
+  """One model of a run: its weights, the JSON that describes its point of training,
+  and the folder its evaluations are cached in."""
+  name: str  # 'final', 'best' or 'snapshot'.
+  weights: str
+  info: str
+  eval_dir: str
+
+
+def final_model(folder: str) -> Model:
+  """A finished run's (or snapshot's, or stage's) final model, evaluated in its folder."""
+  return Model('final', os.path.join(folder, run.FINAL_DIR),
+               os.path.join(folder, run.TRAIN_JSON), folder)
+
+
+def best_model(workdir: str) -> Model:
+  return Model('best', os.path.join(workdir, BEST_DIR),
+               os.path.join(workdir, BEST_DIR, POINT_JSON),
+               os.path.join(workdir, 'eval-best'))
+
+
+def load_model(model: Model, vocab_multiple: int = 1) -> tuple:
+  """(params, ModelConfig, info) of a model, its embedding padded to `vocab_multiple` rows
+  (what config.model trained with: aligned matrix products)."""
+  if not (os.path.isfile(model.info) and os.path.isdir(model.weights)):
+    raise NotTrainedError(f'{model.eval_dir!r} has no finished {model.name} model '
+                          f'({model.info} and {model.weights}/); train it first with '
+                          'python -m launch.train.')
+  params, model_config = hf.import_hf(model.weights, vocab_multiple)
+  return jax.tree_util.tree_map(np.asarray, params), model_config, io.read_json(model.info)
+
+
 def load_final(workdir: str, vocab_multiple: int = 1) -> tuple:
-  """(params, ModelConfig, train summary) of a finished run, its embedding padded to
-  `vocab_multiple` rows (what config.model trained with: aligned matrix products)."""
-  summary_path = os.path.join(workdir, run.TRAIN_JSON)
-  final = os.path.join(workdir, run.FINAL_DIR)
-  if not (os.path.isfile(summary_path) and os.path.isdir(final)):
-    raise NotTrainedError(f'{workdir!r} has no finished training ({run.TRAIN_JSON} and '
-                          f'{run.FINAL_DIR}/); train it first with python -m launch.train.')
-  params, model_config = hf.import_hf(final, vocab_multiple)
-  return jax.tree_util.tree_map(np.asarray, params), model_config, io.read_json(summary_path)
+  """(params, ModelConfig, train summary) of a finished run."""
+  return load_model(final_model(workdir), vocab_multiple)
 
 
-def generate_fn(config, params, model_config, tokenizer, key, sampling_cfg):
-  """passk.GenerateFn over our compiled sampler (temperature/top-p from `sampling_cfg`)."""
-  def fn(prompts, num_samples):
-    return sampling.generate_text(
-        params, model_config, tokenizer, prompts, num_samples, key=key,
-        max_new_tokens=int(sampling_cfg.max_new_tokens),
-        stop_strings=tuple(config.eval.stop_strings),
-        temperature=float(sampling_cfg.temperature), top_p=float(sampling_cfg.top_p),
-        batch_size=int(config.eval.batch_size))
-  return fn
-
-
-def fingerprint(config, workdir: str, settings) -> str:
+def fingerprint(config, workdir: str, settings, info: str | None = None) -> str:
   """What a cached evaluation depends on: its settings, the seed, the data folder's
-  inputs and the trained model (train.json is written once, when training ends)."""
+  inputs and the model (its `info` JSON, train.json by default, is written once with it)."""
   h = hashlib.sha256(json.dumps({'settings': settings, 'seed': int(config.seed)},
                                 sort_keys=True, default=str).encode())
   h.update(str(blocks_lib.load_manifest(run.data_dir_of(config, workdir)).get('inputs'))
            .encode())
-  with open(os.path.join(workdir, run.TRAIN_JSON), 'rb') as f:
+  with open(info or os.path.join(workdir, run.TRAIN_JSON), 'rb') as f:
     h.update(f.read())
   return h.hexdigest()
-
-
-def _client_fields(config) -> list:
-  """Who a client is (config.federated): it decides the per-client memorization."""
-  fed = config.federated
-  return [fed.clients, fed.directory_depth, fed.synthetic_clients, fed.synthetic_partition,
-          fed.dirichlet_alpha]
 
 
 def _cached(path: str, compute, key: str, stale=()):
@@ -110,81 +122,6 @@ def _cached(path: str, compute, key: str, stale=()):
   return result
 
 
-def evaluate_passk(config, workdir: str, params, model_config, tokenizer) -> dict | None:
-  """pass@k on HumanEval with n samples per problem; cached in WORKDIR/passk/."""
-  if not config.eval.passk.enabled:
-    return None
-  bad = [k for k in config.eval.passk.ks if int(k) < 1]
-  if bad or int(config.eval.passk.n) < 1:
-    raise ValueError(f'config.eval.passk.ks={tuple(config.eval.passk.ks)} and n='
-                     f'{config.eval.passk.n}: every k and n must be >= 1 (ks above n are '
-                     'skipped); fix them before sampling starts.')
-  out_dir = os.path.join(workdir, 'passk')
-  key = fingerprint(config, workdir, [config.eval.passk.to_dict(), config.eval.stop_strings])
-  return _cached(os.path.join(out_dir, 'result.json'), lambda: _passk(
-      config, out_dir, params, model_config, tokenizer), key)
-
-
-def _passk(config, out_dir: str, params, model_config, tokenizer) -> dict:
-  cfg = config.eval.passk
-  problems = passk.load_problems(int(cfg.num_problems))
-  key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  ks = [k for k in cfg.ks if k <= cfg.n]
-  evaluation = passk.run(
-      generate_fn(config, params, model_config, tokenizer, key, cfg), problems, int(cfg.n),
-      ks=ks, stop_strings=tuple(config.eval.stop_strings), timeout=float(cfg.timeout),
-      workers=int(cfg.workers) or None, allow_weak=bool(cfg.allow_weak_sandbox),
-      limits=passk.sandbox_limits(cfg), out_dir=out_dir)
-  counts = {}
-  for row in evaluation.rows:
-    n, c = counts.get(row['task_id'], (0, 0))
-    counts[row['task_id']] = (n + 1, c + int(row['passed']))
-  return {'pass_at_k': {k: v for k, v in evaluation.scores.items() if k.startswith('pass@')},
-          'ci95': stats.passk_bootstrap(counts, ks, seed=config.seed),
-          'n': int(cfg.n), 'num_problems': len(problems)}
-
-
-def evaluate_memorization(config, workdir: str, params, model_config,
-                          tokenizer) -> dict | None:
-  """Memorization audit of every participant; cached in WORKDIR/memorization/.
-
-  Writes WORKDIR/samples/memorization.jsonl (every sample with its prompt's provenance),
-  WORKDIR/memorization/memorized.jsonl (every memorized span with its provenance) and
-  WORKDIR/memorization/result.json (the block results.json holds).
-  """
-  if not config.eval.memorization.enabled:
-    return None
-  out_dir = os.path.join(workdir, 'memorization')
-  key = fingerprint(config, workdir, [config.eval.memorization.to_dict(),
-                                      config.eval.stop_strings, _client_fields(config)])
-  return _cached(os.path.join(out_dir, 'result.json'), lambda: _memorization(
-      config, workdir, out_dir, params, model_config, tokenizer), key,
-                 stale=(os.path.join(workdir, memorization.SAMPLES_JSONL),))
-
-
-def _memorization(config, workdir: str, out_dir: str, params, model_config,
-                  tokenizer) -> dict:
-  cfg = config.eval.memorization
-  data_dir = run.data_dir_of(config, workdir)
-  names = run.participant_names(config)
-  indexes = memorization.build_indexes(data_dir, names, int(cfg.min_lines),
-                                       int(cfg.clone_type))
-  complete = memorization.make_complete(params, model_config, tokenizer,
-                                        int(config.eval.batch_size))
-  samples, prompt_counts = memorization.load_or_generate(
-      cfg, workdir, data_dir, names, complete, tokenizer, seed=int(config.seed),
-      stop_strings=tuple(config.eval.stop_strings), max_len=model_config.max_len)
-  result, rows = memorization.audit(samples, indexes['train'], indexes['valid'],
-                                    seed=int(config.seed))
-  result['prompts'] = prompt_counts
-  result['settings'] = cfg.to_dict()
-  if config.federated.clients != 'participants':  # Which repositories/folders leak.
-    result['clients'] = client_memorization.client_memorization(
-        config.federated, data_dir, rows, indexes['train'], int(config.seed))
-  io.write_jsonl(os.path.join(out_dir, 'memorized.jsonl'), rows)
-  return result
-
-
 def _lazy(make):
   """make() on first call, then the same object: compile the scorer only if needed."""
   made = []
@@ -196,30 +133,59 @@ def _lazy(make):
   return get
 
 
-def evaluate_canaries(config, workdir: str, tokenizer, score) -> dict | None:
-  """Exposure of every participant's canaries; cached in WORKDIR/canaries/result.json.
+def context(config, workdir: str, model: Model, params, model_config, tokenizer,
+            seq_len: int, name: str = '') -> interface.Context:
+  """The Context of one model (and evaluator `name`: its out_dir)."""
+  # Whole blocks with their B x L x V logits, like validation: the evaluation batch size
+  # (config.eval.batch_size is for one-token decoding steps).
+  score = _lazy(lambda: scoring.make_scorer(params, model_config,
+                                            int(config.train.eval_batch_size)))
+  return interface.Context(
+      config=config, run_dir=workdir, model=model.name, eval_dir=model.eval_dir,
+      out_dir=os.path.join(model.eval_dir, name), params=params, model_config=model_config,
+      tokenizer=tokenizer, data_dir=run.data_dir_of(config, workdir),
+      names=run.participant_names(config), score=score, seq_len=seq_len)
 
-  None when switched off or when the data folder has no canaries.
-  """
-  meta = canaries_lib.load(run.data_dir_of(config, workdir))
-  if not config.eval.canaries.enabled or meta is None:
-    return None
-  return _cached(os.path.join(workdir, 'canaries', 'result.json'), lambda: exposure.evaluate(
-      score, tokenizer_lib.make_encoder(tokenizer), tokenizer_lib.eot_id(tokenizer), meta,
-      candidates=int(config.eval.canaries.candidates), seed=int(config.seed)),
-                 fingerprint(config, workdir, config.eval.canaries.to_dict()))
+
+def run_evaluator(ev: interface.Evaluator, ctx: interface.Context, model: Model):
+  """One evaluator's section for one model: cached under its key, computed otherwise."""
+  ctx = ctx._replace(out_dir=os.path.join(model.eval_dir, ev.name))
+  key = fingerprint(ctx.config, ctx.run_dir, [ev.settings(ctx.config), ctx.seq_len,
+                                              ctx.model], model.info)
+  return _cached(os.path.join(ctx.out_dir, 'result.json'), lambda: ev.compute(ctx), key,
+                 stale=tuple(os.path.join(model.eval_dir, s) for s in ev.stale))
 
 
-def evaluate_membership(config, workdir: str, tokenizer, score, seq_len: int) -> dict | None:
-  """Loss and Min-K% membership inference per participant; cached in WORKDIR/membership/."""
-  cfg = config.eval.membership
-  if not cfg.enabled:
-    return None
-  return _cached(os.path.join(workdir, 'membership', 'result.json'), lambda: membership.evaluate(
-      score, tokenizer_lib.make_encoder(tokenizer), tokenizer_lib.eot_id(tokenizer),
-      run.data_dir_of(config, workdir), run.participant_names(config),
-      max_files=int(cfg.max_files), seq_len=seq_len, k=float(cfg.min_k), fpr=float(cfg.fpr),
-      seed=int(config.seed)), fingerprint(config, workdir, [cfg.to_dict(), seq_len]))
+def evaluate_model(config, workdir: str, model: Model, tokenizer, seq_len: int,
+                   evals=None, seconds: dict | None = None,
+                   loaded: tuple | None = None) -> dict:
+  """{evaluator name: section} of one model (None: switched off, or nothing to say)."""
+  params, model_config, _ = loaded or load_model(
+      model, int(config.model.get('vocab_multiple', 1)))
+  ctx = context(config, workdir, model, params, model_config, tokenizer, seq_len)
+  out = {}
+  for ev in evaluators.ALL if evals is None else evals:
+    out[ev.name] = None
+    if not ev.enabled(config):
+      continue
+    begin = time.time()
+    section = run_evaluator(ev, ctx, model)
+    if seconds is not None:
+      part = ev.name if model.name == 'final' else f'{model.name}/{ev.name}'
+      seconds[part] = seconds.get(part, 0.0) + time.time() - begin
+    out[ev.name] = section
+  return out
+
+
+def evaluate_part(config, workdir: str, name: str, model: Model | None = None):
+  """One evaluator's section for one model of a run (default: its final model)."""
+  model = model or final_model(workdir)
+  data_dir = run.data_dir_of(config, workdir)
+  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer'))
+  loaded = load_model(model, int(config.model.get('vocab_multiple', 1)))
+  seq_len = min(int(blocks_lib.load_manifest(data_dir)['seq_len']), loaded[1].max_len)
+  ctx = context(config, workdir, model, *loaded[:2], tokenizer, seq_len)
+  return run_evaluator(evaluators.by_name([name])[0], ctx, model)
 
 
 def check_trained_as(config, workdir: str, data_inputs: str | None) -> None:
@@ -237,22 +203,27 @@ def check_trained_as(config, workdir: str, data_inputs: str | None) -> None:
         + (f', e.g. {flags}.' if flags else '.'))
 
 
+
+_POINT_FIELDS = ('fraction', 'step', 'round', 'stage', 'participant', 'epochs', 'train_loss')
+
+
+def _point(info: dict) -> dict:
+  """Where in training a model stands, and its validation perplexity."""
+  return {**{k: info[k] for k in _POINT_FIELDS if k in info},
+          'perplexity': {n: r['perplexity'] for n, r in (info.get('valid') or {}).items()}}
+
+
 def evaluate_run(config, workdir: str) -> dict:
   """Writes and returns WORKDIR/results.json for a finished run."""
   start, seconds = time.time(), {}
-
-  def timed(part: str, compute):
-    begin = time.time()
-    out = compute()
-    seconds[part] = time.time() - begin
-    return out
-
-  params, model_config, summary = load_final(
-      workdir, int(config.model.get('vocab_multiple', 1)))
+  final = final_model(workdir)
+  loaded = load_model(final, int(config.model.get('vocab_multiple', 1)))
+  summary = loaded[2]
   data_dir = run.data_dir_of(config, workdir)
   manifest = blocks_lib.load_manifest(data_dir)  # A clear error when the data is gone.
   check_trained_as(config, workdir, manifest.get('inputs'))
   tokenizer = tokenizer_lib.load_tokenizer(os.path.join(data_dir, 'tokenizer'))
+  seq_len = min(int(manifest['seq_len']), loaded[1].max_len)
   results = {
       'run': os.path.basename(os.path.abspath(workdir)),
       'setting': config.setting,
@@ -268,24 +239,17 @@ def evaluate_run(config, workdir: str) -> dict:
       'perplexity_blocks': {name: r['block_losses'] for name, r in summary['valid'].items()
                             if 'block_losses' in r},
       'forgetting': summary.get('forgetting'),  # Incremental: perplexity after each stage.
-      'passk': timed('passk', lambda: evaluate_passk(config, workdir, params, model_config,
-                                                     tokenizer)),
-      'memorization': timed('memorization', lambda: evaluate_memorization(
-          config, workdir, params, model_config, tokenizer)),
       'train_seconds': summary.get('train_seconds'),
       # DP-FedAvg's budget as training reported it (epsilon None: no finite guarantee).
       'privacy': summary.get('privacy'),
   }
-  results['snapshots'] = timed('snapshots', lambda: evaluate_snapshots(config, workdir,
-                                                                       tokenizer))
-  # Whole blocks with their B x L x V logits, like validation: the evaluation batch size
-  # (config.eval.batch_size is for one-token decoding steps).
-  score = _lazy(lambda: scoring.make_scorer(params, model_config,
-                                            int(config.train.eval_batch_size)))
-  results['canaries'] = timed('canaries', lambda: evaluate_canaries(config, workdir,
-                                                                    tokenizer, score))
-  results['membership'] = timed('membership', lambda: evaluate_membership(
-      config, workdir, tokenizer, score, min(int(manifest['seq_len']), model_config.max_len)))
+  results.update(evaluate_model(config, workdir, final, tokenizer, seq_len,
+                                seconds=seconds, loaded=loaded))
+  del loaded
+  results['models'] = evaluate_other_models(config, workdir, tokenizer, seq_len, seconds)
+  begin = time.time()
+  results['snapshots'] = evaluate_snapshots(config, workdir, tokenizer, seq_len, summary)
+  seconds['snapshots'] = time.time() - begin
   results['evaluate_seconds_by_part'] = seconds  # Cached parts take ~0 s.
   results['evaluate_seconds'] = time.time() - start
   # The machine that evaluated (and trained, unless the run folder moved between them).
@@ -295,8 +259,24 @@ def evaluate_run(config, workdir: str) -> dict:
   return results
 
 
+def evaluate_other_models(config, workdir: str, tokenizer, seq_len: int,
+                          seconds: dict | None = None) -> dict:
+  """{model: its point and sections} for config.eval.models other than 'final'."""
+  unknown = sorted(set(config.eval.models) - set(interface.MODELS))
+  if unknown:
+    raise ValueError(f'config.eval.models has {unknown}; use names among {interface.MODELS}.')
+  out = {}
+  if 'best' in config.eval.models:
+    best = best_model(workdir)
+    if os.path.isfile(best.info):  # Runs trained before best/ existed have none.
+      loaded = load_model(best, int(config.model.get('vocab_multiple', 1)))
+      out['best'] = {**_point(loaded[2]), **evaluate_model(
+          config, workdir, best, tokenizer, seq_len, seconds=seconds, loaded=loaded)}
+  return out
+
+
 def _memorization_point(mem: dict | None) -> dict | None:
-  """The part of a memorization result a dose-response point keeps."""
+  """The part of a memorization result a trajectory point keeps."""
   if mem is None:
     return None
   keep = ('samples', 'memorized_samples', 'ratio', 'ratio_ci95', 'spans')
@@ -305,40 +285,56 @@ def _memorization_point(mem: dict | None) -> dict | None:
           'cross_org_share': mem.get('cross_org_share'), 'spans': mem.get('spans')}
 
 
-def evaluate_snapshots(config, workdir: str, tokenizer) -> list | None:
-  """Memorization of every intermediate model in WORKDIR/snapshots (dose-response).
-
-  Each snapshot folder is read as a finished run (its final/ and train.json) and audited
-  by `evaluate_memorization`, the code path of the final model, with its parts cached in
-  the snapshot's folder. Points are in training order; the final model is the run's own.
-  """
+def snapshot_folders(config, workdir: str, summary: dict) -> list:
+  """(folder, extra point fields) of the run's trajectory, in training order: its
+  snapshots at config.train.snapshot_fractions, and an incremental chain's stages before
+  the last (each a finished run; the last stage is the chain's final model)."""
   root = os.path.join(workdir, run.SNAPSHOTS_DIR)
-  if not os.path.isdir(root):
+  wanted = {float(f) for f in config.train.get('snapshot_fractions', ())}
+  points = []
+  # Snapshot folders are named by their step (or round); hidden ones are unfinished writes.
+  for name in sorted((n for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root)
+                     else (), key=int):
+    info = io.read_json(os.path.join(root, name, run.TRAIN_JSON))
+    if float(info.get('requested_fraction', info['fraction'])) in wanted:
+      points.append((os.path.join(root, name), {}))  # Else exported under other fractions.
+  stages = summary.get('stages') or []
+  for k, stage in enumerate(stages[:-1]):
+    points.append((os.path.normpath(os.path.join(workdir, stage['workdir'])), {
+        'stage': k + 1, 'participant': stage['participant'],
+        'fraction': (k + 1) / len(stages)}))
+  return points
+
+
+def evaluate_snapshots(config, workdir: str, tokenizer, seq_len: int,
+                       summary: dict) -> list | None:
+  """The run's trajectory: every snapshot (and stage) evaluated by the evaluators of
+  config.eval.snapshot_evals, each cached in the snapshot's own folder."""
+  folders = snapshot_folders(config, workdir, summary)
+  if not folders:
     return None
   cfg = config.copy_and_resolve_references()  # The run's data folder, not the snapshot's.
   cfg.unlock()
   cfg.data.data_dir = run.data_dir_of(config, workdir)
   cfg.lock()
-  wanted = {float(f) for f in config.train.get('snapshot_fractions', ())}
+  evals = evaluators.by_name(config.eval.snapshot_evals)
   points = []
-  # Snapshot folders are named by their step (or round); hidden ones are unfinished writes.
-  for name in sorted((n for n in os.listdir(root) if n.isdigit()), key=int):
-    folder = os.path.join(root, name)
-    info = io.read_json(os.path.join(folder, run.TRAIN_JSON))
-    if float(info.get('requested_fraction', info['fraction'])) not in wanted:
-      continue  # Exported under other snapshot_fractions.
-    params, model_config, _ = load_final(folder, int(config.model.get('vocab_multiple', 1)))
-    points.append({
-        **{k: info.get(k) for k in ('fraction', 'step', 'round', 'epochs', 'train_loss')},
-        'perplexity': {n: r['perplexity'] for n, r in info['valid'].items()},
-        'memorization': _memorization_point(
-            evaluate_memorization(cfg, folder, params, model_config, tokenizer))})
+  for folder, extra in folders:
+    # A stage is a finished run's final model (a chain's first may be a single run,
+    # evaluated there as 'final' too: one cache); a snapshot is a point inside a run.
+    model = final_model(folder)._replace(name='final' if 'stage' in extra else 'snapshot')
+    loaded = load_model(model, int(config.model.get('vocab_multiple', 1)))
+    sections = evaluate_model(cfg, folder, model, tokenizer, seq_len, evals, loaded=loaded)
+    if 'memorization' in sections:
+      sections['memorization'] = _memorization_point(sections['memorization'])
+    points.append({**_point(loaded[2]), **extra, **sections})
   return points
 
 
 def results_key(config, workdir: str) -> str:
   """The fingerprint of a run's results.json: every evaluation setting, model and data."""
-  return fingerprint(config, workdir, [config.eval.to_dict(), _client_fields(config),
+  from collab.evals.memorization import clone_audit
+  return fingerprint(config, workdir, [config.eval.to_dict(), clone_audit.client_fields(config),
                                        config.train.eval_batch_size,
                                        list(config.train.get('snapshot_fractions', ()))])
 

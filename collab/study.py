@@ -55,20 +55,14 @@ def expand(config) -> list:
                                          'federated.server_optimizer': o,
                                          **(adaptive if o in ADAPTIVE else {})})
               for o in study.server_optimizers]
+    specs += [fit_matching_spec(config, n) for n in study.get('fit_matching_rounds', ())]
   specs += [dp_spec(z) for z in study.get('dp_noise_multipliers', ())]
   if 'incremental' in study.settings:
     orders = itertools.permutations(names) if study.all_orders else [tuple(names)]
     specs += [RunSpec('incremental-' + '-'.join(o), {
         'setting': 'incremental', 'incremental.order': ','.join(o),
         'incremental.all_orders': False}) for o in orders]
-  snapshots = tuple(study.get('snapshot_runs', ()))
-  allowed = [s.name for s in specs if s.overrides.get('setting') != 'incremental']
-  unknown = sorted(set(snapshots) - set(allowed))
-  if unknown:
-    raise ValueError(f'config.study.snapshot_runs names {unknown}, which this study does not '
-                     f'run or which share stages (incremental); use names among {allowed}.')
-  specs = [RunSpec(s.name, {**s.overrides, 'train.snapshot_fractions': tuple(
-      study.snapshot_fractions)}) if s.name in snapshots else s for s in specs]
+  specs = with_snapshots(config, specs)
   seeds = tuple(study.seeds)
   if len(seeds) > 1:
     specs = [RunSpec(f'{s.name}@seed{seed}', {**s.overrides, 'seed': seed})
@@ -82,6 +76,44 @@ def expand(config) -> list:
                      'value from study.server_optimizers, study.dp_noise_multipliers or '
                      'study.seeds.')
   return specs
+
+
+def with_snapshots(config, specs: list) -> list:
+  """The specs, with snapshots where config.study asks for them: study.snapshot_runs
+  export models at study.snapshot_fractions ('all': every run but the incremental chains,
+  whose stages are their trajectory), and study.snapshot_clone_audit's snapshots are also
+  clone-audited."""
+  study = config.study
+  allowed = [s.name for s in specs if s.overrides.get('setting') != 'incremental']
+  snapshots = tuple(study.get('snapshot_runs', ()))
+  snapshots = tuple(allowed) if snapshots == ('all',) else snapshots
+  audited = tuple(study.get('snapshot_clone_audit', ()))
+  unknown = sorted((set(snapshots) | set(audited)) - set(allowed))
+  if unknown or set(audited) - set(snapshots):
+    raise ValueError(f'config.study.snapshot_runs / snapshot_clone_audit name '
+                     f'{unknown or audited}, which this study does not run, which share stages (incremental) or '
+                     f'which take no snapshots; use names among {allowed} (audited runs '
+                     'must also be in snapshot_runs).')
+  out = []
+  for s in specs:
+    extra = {}
+    if s.name in snapshots:
+      extra['train.snapshot_fractions'] = tuple(study.snapshot_fractions)
+    if s.name in audited:
+      extra['eval.snapshot_evals'] = tuple(config.eval.snapshot_evals) + ('memorization',)
+    out.append(RunSpec(s.name, {**s.overrides, **extra}) if extra else s)
+  return out
+
+
+def fit_matching_spec(config, rounds: int) -> RunSpec:
+  """FedAvg with `rounds` rounds of the configured local epochs: more training, so that it
+  reaches the centralized run's fit and memorization can be compared at matched fit."""
+  if int(rounds) <= int(config.federated.rounds):
+    raise ValueError(f'config.study.fit_matching_rounds has {rounds}; each must exceed '
+                     f'config.federated.rounds={config.federated.rounds} (it adds training).')
+  return RunSpec(f'federated-fedavg-r{int(rounds)}', {
+      'setting': 'federated', 'federated.server_optimizer': 'fedavg',
+      'federated.rounds': int(rounds)})
 
 
 def dp_spec(noise_multiplier: float) -> RunSpec:
@@ -137,7 +169,8 @@ def _crossorg(config, data_dir: str) -> dict | None:
   """The participants' containment matrix and cross-org clones (once per data folder)."""
   if not config.study.crossorg:
     return None
-  from collab.evals.memorization import audit as memorization  # Only studies that audit clones need it.
+  # Only studies that audit clones need it.
+  from collab.evals.memorization import audit as memorization
   mem = config.eval.memorization
   return memorization.crossorg_summary(data_dir, run.participant_names(config),
                                        int(mem.min_lines), int(mem.clone_type))

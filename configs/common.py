@@ -284,6 +284,38 @@ def eval_config() -> ml_collections.ConfigDict:
   c.membership.max_files = 200  # Files per participant and side (seeded sample); 0: all.
   c.membership.min_k = 0.2  # Min-K% Prob: share of least likely tokens (Shi et al.: 20%).
   c.membership.fpr = 0.01  # The false-positive rate the TPR is reported at.
+  # Fit: each model's mean token loss on every participant's own training blocks (the x
+  # axis of memorization against fit).
+  c.fit = ml_collections.ConfigDict()
+  c.fit.enabled = True
+  # k-extractability (Carlini et al. 2022): greedy decoding of a training block's first k
+  # tokens, fed at their training positions, reproduces its next m tokens exactly.
+  # Validation blocks are the null.
+  c.extractability = ml_collections.ConfigDict()
+  c.extractability.enabled = True
+  c.extractability.ks = (50, 100, 200, 500)  # Prefix lengths (the smallest is the primary).
+  c.extractability.m = 50  # Suffix tokens that must come out exactly.
+  c.extractability.max_blocks = 0  # Blocks per participant and split (seeded); 0: all.
+  # (n, p)-extraction (Hayes et al. 2024): n samples per prefix at this temperature, at the
+  # smallest k, on the models in `sampled_models` (0: off).
+  c.extractability.samples = 0
+  c.extractability.temperature = 1.0
+  c.extractability.sampled_models = ('final', 'best')
+  # Extraction ranking (Carlini et al. 2021): unprompted samples ranked by perplexity,
+  # zlib ratio and the ratio to reference models that never saw the participant; the
+  # precision of each ranking's top n. Needs memorization.unprompted_samples > 0.
+  c.ranking = ml_collections.ConfigDict()
+  c.ranking.enabled = True
+  c.ranking.top = (10, 25)  # n of the top-n precision.
+  # Reference models: 'auto' (the study's single runs of the other participants) or a
+  # comma-separated list of Hugging Face GPT-2 folders (e.g. a pretrained model).
+  c.ranking.references = 'auto'
+  # The models every evaluator runs on: 'final' (the end of training) and 'best' (the
+  # evaluation point with the lowest pooled validation loss, exported to WORKDIR/best).
+  c.models = ('final', 'best')
+  # Evaluators also run on every snapshot (WORKDIR/snapshots/*, incremental stages): the
+  # trajectories of memorization against fit.
+  c.snapshot_evals = ('fit', 'extractability')
   return c
 
 
@@ -304,8 +336,17 @@ def study_config() -> ml_collections.ConfigDict:
   c.dp_noise_multipliers = ()
   # Runs (by name) that export intermediate models at `snapshot_fractions` of their
   # training, each audited for memorization like the final model (dose-response figure).
+  # ('all',): every run but the incremental chains, whose stages are their trajectory.
   c.snapshot_runs = ()
   c.snapshot_fractions = (0.25, 0.5, 0.75)
+  # Runs whose snapshots the clone audit (eval.memorization) also samples, beside
+  # eval.snapshot_evals: it costs a sampling pass per snapshot.
+  c.snapshot_clone_audit = ()
+  # FedAvg runs with N rounds instead of federated.rounds (the same local epochs per
+  # round, so N / rounds times the training), named federated-fedavg-rN: a federated
+  # run that reaches the centralized run's fit, so that memorization can be compared at
+  # matched fit. (): none.
+  c.fit_matching_rounds = ()
   c.crossorg = True  # Cross-organization clone analysis of the participants' data.
   c.figures = True  # Write figures/ (matplotlib) beside tables/.
   return c

@@ -59,7 +59,18 @@ def get_config(arg=None):
   c.eval.memorization.unprompted_samples = 50  # The extraction protocol runs too.
   # FedAvg only; --config.study.server_optimizers="('fedavg','fedyogi')" adds FedYogi.
   c.study.server_optimizers = ('fedavg',)
-  # Dose-response: memorization over training of the centralized and the FedAvg run.
-  c.study.snapshot_runs = ('centralized', 'federated-fedavg')
+  # k-extractability of every training block (about 20 per participant) at three prefix
+  # lengths, the validation blocks as the null; (n, p)-extraction with 4 samples per prefix.
+  c.eval.extractability.ks = (32, 64, 128)
+  c.eval.extractability.m = 32
+  c.eval.extractability.samples = 4
+  # Memorization against fit: every run exports snapshots (the chains' stages are theirs),
+  # each audited for fit and k-extractability; the centralized and FedAvg snapshots are
+  # clone-audited too.
+  c.study.snapshot_runs = ('all',)
   c.study.snapshot_fractions = (0.25, 0.5, 0.75)
+  c.study.snapshot_clone_audit = ('centralized', 'federated-fedavg')
+  # A FedAvg run with 4x the rounds (4 local epochs each, as the 8-round run): it reaches
+  # the centralized run's fit, so memorization is compared at matched fit.
+  c.study.fit_matching_rounds = (4 * ROUNDS,)
   return c

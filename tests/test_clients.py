@@ -283,14 +283,14 @@ def test_a_federation_of_repositories_trains_end_to_end(built, tmp_path):
   assert [r['clients/sampled'] for r in rows] == [3, 3]
   assert all(np.isfinite(r['train/loss']) for r in rows)
   # Its audit attributes memorization to repositories, and the study tables show them.
-  from analysis import tables
   from collab import evaluate
+  from collab.evals.memorization import clone_audit
   c.eval.passk.enabled = c.eval.membership.enabled = False
   c.eval.memorization.max_prompts, c.eval.memorization.samples_per_prompt = 2, 1
   c.eval.memorization.max_new_tokens = 16
   block = evaluate.evaluate_run(c, str(tmp_path))['memorization']['clients']
   assert block['granularity'] == 'repositories' and block['num_clients'] >= 3
   assert len(block['clients']) == block['leaking_clients'] <= block['num_clients']
-  title, _, table_rows = tables.leaking_clients([{'run': 'fed', 'memorization': {
-      'clients': block}}])
+  title, _, table_rows = clone_audit.clients_table([{'run': 'fed', 'memorization': {
+      'clients': block}}])[1:]
   assert 'repositories' in title and len(table_rows) == max(1, block['leaking_clients'])

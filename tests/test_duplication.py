@@ -100,7 +100,8 @@ def test_release_copies_reach_the_clone_index_and_the_breakdown(tmp_path):
 
 
 def test_the_duplication_table_reads_results_only():
-  from analysis import tables
+  from analysis import results, tables  # pylint: disable=g-import-not-at-top
+  from collab.evals.memorization import clone_audit  # pylint: disable=g-import-not-at-top
 
   def run(name, spans_many):
     buckets = {b: {'files': 10, 'windows': 100, 'spans': s, 'window_share': w,
@@ -116,8 +117,9 @@ def test_the_duplication_table_reads_results_only():
   older = {'run': 'single', 'setting': 'single', 'perplexity': {'A': 4.0, 'pooled': 4.0},
            'memorization': {}}  # Results from before the breakdown existed.
   runs = [run('centralized@seed1', 2), run('centralized@seed2', 4), older]
-  title, header, rows = tables.duplication(runs)
-  assert [r[:3] for r in rows] == [['centralized', 'A', c] for c in ('1', '2–4', '5+')]
+  title, header, rows = clone_audit.duplication_table(results.model_views(runs))[1:]
+  assert [r[:4] for r in rows] == [['centralized', 'final', 'A', c]
+                                   for c in ('1', '2–4', '5+')]
   many = rows[2]
   assert many[header.index('memorized spans')] == '3 ± 1'
   assert many[header.index('spans %')] == '75.0 ± 35.4'

@@ -12,7 +12,6 @@ from collab import io
 from collab import train as train_lib
 from collab.data import build
 from collab.data import tfds_builder
-from collab.data import tokenizer as tokenizer_lib
 from collab.evals.clones import index as clones
 from collab.evals.memorization import audit as memorization
 from collab.evals.generation import sampling
@@ -86,9 +85,7 @@ def audited(data_dir, tmp_path_factory):
   config = _run_config(data_dir)
   workdir = str(tmp_path_factory.mktemp('mem_run'))
   train_lib.train(config, workdir)
-  params, model_config, _ = evaluate.load_final(workdir)
-  tokenizer = tokenizer_lib.load_tokenizer(data_dir)
-  result = evaluate.evaluate_memorization(config, workdir, params, model_config, tokenizer)
+  result = evaluate.evaluate_part(config, workdir, 'memorization')
   return config, workdir, result
 
 
@@ -176,9 +173,7 @@ def test_rerun_reuses_samples_and_gives_the_same_result(audited, monkeypatch):
   def no_sampling(*args, **kwargs):
     raise AssertionError('samples should have been reused')
   monkeypatch.setattr(sampling, 'generate', no_sampling)
-  params, model_config, _ = evaluate.load_final(workdir)
-  again = evaluate.evaluate_memorization(config, workdir, params, model_config,
-                                         tokenizer_lib.load_tokenizer(config.data.data_dir))
+  again = evaluate.evaluate_part(config, workdir, 'memorization')
   assert io.read_json(cached) == before
   assert again['participants'] == before['participants']
 

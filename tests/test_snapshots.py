@@ -11,7 +11,6 @@ from collab import checkpoint
 from collab import evaluate
 from collab import hf
 from collab import train as train_lib
-from collab.data import tokenizer as tokenizer_lib
 from collab.settings import run
 from tests.conftest import tiny_run_config
 
@@ -52,25 +51,32 @@ def test_snapshot_is_the_model_at_its_step(trained):
 
 def test_snapshots_are_audited_by_the_final_models_code_path(trained, monkeypatch):
   config, workdir = trained
-  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(config.data.data_dir, 'tokenizer'))
   calls = []
-  real = evaluate.evaluate_memorization
+  real = evaluate.run_evaluator
 
-  def spy(cfg, folder, params, model_config, tok):
-    result = real(cfg, folder, params, model_config, tok)
-    calls.append((folder, result))
+  def spy(ev, ctx, model):
+    result = real(ev, ctx, model)
+    calls.append((model.eval_dir, ev.name, result))
     return result
-  monkeypatch.setattr(evaluate, 'evaluate_memorization', spy)
+  monkeypatch.setattr(evaluate, 'run_evaluator', spy)
+  config = config.copy_and_resolve_references()
+  config.eval.snapshot_evals = ('fit', 'memorization')  # What a study's audited runs get.
   results = evaluate.evaluate_run(config, workdir)
   snapshot = os.path.join(workdir, run.SNAPSHOTS_DIR, '000006')
-  assert [folder for folder, _ in calls] == [workdir, snapshot]
+  audits = [(folder, r) for folder, name, r in calls if name == 'memorization']
+  assert [folder for folder, _ in audits] == [
+      workdir, os.path.join(workdir, 'eval-best'), snapshot]
   (point,) = results['snapshots']
   assert point['step'] == 6 and point['fraction'] == 0.5
-  direct = calls[1][1]
+  direct = audits[-1][1]
   assert direct['participants']['alpha']['samples'] == 3 * 2
   for name, block in point['memorization']['participants'].items():
     assert block['memorized_samples'] == direct['participants'][name]['memorized_samples']
     assert block['samples'] == direct['participants'][name]['samples']
+  # Every point records its fit: the training loss on each participant's own blocks.
+  assert set(point['fit']['participants']) == {'alpha', 'beta', 'gamma'}
+  # Halfway through, the model fits its training data less well than at the end.
+  assert point['fit']['pooled']['train_loss'] > results['fit']['pooled']['train_loss']
   # The snapshot's audit is cached in its own folder, as the final model's is in the run's.
   assert os.path.isfile(os.path.join(snapshot, 'memorization', 'result.json'))
   assert os.path.isfile(os.path.join(workdir, 'memorization', 'result.json'))

@@ -6,7 +6,10 @@ import os
 import pytest
 
 from analysis import plots
+from analysis import results
 from analysis import tables
+from collab.evals.privacy import exposure
+from collab.evals.privacy import membership
 from collab import study
 from collab.settings import run
 from configs import common
@@ -178,8 +181,9 @@ def test_evaluation_and_tables_follow_what_was_trained(finished, tmp_path):
   os.rmdir(stray)
   bad = config.copy_and_resolve_references()
   bad.eval.passk.ks = (0, 1)
+  bad.data.data_dir = os.path.join(workdir, 'data')
   with pytest.raises(ValueError, match=r'passk\.ks=\(0, 1\)'):
-    evaluate.evaluate_passk(bad, folder, None, None, None)
+    evaluate.evaluate_part(bad, folder, 'passk')
 
 
 def _inputs(folder):
@@ -230,7 +234,8 @@ def test_seeds_repeat_every_run_and_tables_report_mean_and_spread(tmp_path):
   runs = [{'run': f'centralized@seed{i}', 'setting': 'centralized',
            'perplexity': {'a': ppl, 'pooled': ppl}} for i, ppl in ((1, 10.0), (2, 14.0))]
   _, _, rows = tables.effectiveness(runs)
-  assert rows == [['centralized', 'centralized', '12.00 ± 2.83', '12.00 ± 2.83']]
+  assert rows == [['centralized', 'final', 'centralized', '100', '12.00 ± 2.83',
+                   '12.00 ± 2.83']]
 
 
 # ---- Privacy: DP runs in the study, privacy tables and figure from results only ------------
@@ -292,12 +297,15 @@ def test_privacy_tables_from_results():
   assert tables.fmt([1.34e298]) == '1.34e+298'  # A model the noise destroyed.
   assert rows[4] == ['federated-dp-z2.0', '2', '3.50', '40.00', '25.0', '0.25', '0.50',
                      '1.00', '0.500', '0.400']
-  _, header, rows = tables.canaries(runs)
-  assert header[-3:] == ['exposure 1x', 'exposure 10x', 'exposure 100x']
-  assert rows[2] == ['centralized', 'c', 'no', '3.00', '6.00', '12.00']  # Not trained on.
-  _, header, rows = tables.membership(runs)
-  assert header[5] == 'TPR@1%FPR % loss'
-  assert rows[0] == ['centralized', 'a', 'yes', '5 / 4', '0.900', '20.0', '0.800', '0.0']
+  views = results.model_views(runs)
+  (canaries,) = exposure.EVALUATOR.tables(views)
+  assert canaries.header[-3:] == ['exposure 1x', 'exposure 10x', 'exposure 100x']
+  assert canaries.rows[2] == ['centralized', 'final', 'c', 'no', '3.00', '6.00',
+                              '12.00']  # Not trained on.
+  (mia,) = membership.EVALUATOR.tables(views)
+  assert mia.header[6] == 'TPR@1%FPR % loss'
+  assert mia.rows[0] == ['centralized', 'final', 'a', 'yes', '5 / 4', '0.900', '20.0',
+                         '0.800', '0.0']
   assert set(tables.all_tables(runs, {})) == {'effectiveness', 'memorization', 'privacy',
                                               'canaries', 'membership', 'findings'}
 

@@ -180,3 +180,55 @@ def run(generate_fn: GenerateFn, problems: Mapping[str, dict], n: int,
 def sandbox_limits(passk_cfg) -> sandbox.Limits:
   """Limits from config.eval.passk."""
   return sandbox.Limits(memory_bytes=int(passk_cfg.memory_mb) << 20)
+
+
+# ---- The evaluator (collab/evals/interface.py): pass@k of one model on HumanEval.
+
+def _generate_fn(ctx, key):
+  """GenerateFn over the compiled sampler (temperature/top-p from config.eval.passk)."""
+  from collab.evals.generation import sampling  # jax: only when a model samples.
+  config, cfg = ctx.config, ctx.config.eval.passk
+
+  def fn(prompts, num_samples):
+    return sampling.generate_text(
+        ctx.params, ctx.model_config, ctx.tokenizer, prompts, num_samples, key=key,
+        max_new_tokens=int(cfg.max_new_tokens), stop_strings=tuple(config.eval.stop_strings),
+        temperature=float(cfg.temperature), top_p=float(cfg.top_p),
+        batch_size=int(config.eval.batch_size))
+  return fn
+
+
+def _compute(ctx) -> dict:
+  """{'pass_at_k', 'ci95', 'n', 'num_problems'}; samples and verdicts in ctx.out_dir."""
+  import jax  # Keys only.
+  from collab.evals import stats
+  config, cfg = ctx.config, ctx.config.eval.passk
+  bad = [k for k in cfg.ks if int(k) < 1]
+  if bad or int(cfg.n) < 1:
+    raise ValueError(f'config.eval.passk.ks={tuple(cfg.ks)} and n={cfg.n}: every k and n '
+                     'must be >= 1 (ks above n are skipped); fix them before sampling starts.')
+  problems = load_problems(int(cfg.num_problems))
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  ks = [k for k in cfg.ks if k <= cfg.n]
+  evaluation = run(_generate_fn(ctx, key), problems, int(cfg.n), ks=ks,
+                   stop_strings=tuple(config.eval.stop_strings), timeout=float(cfg.timeout),
+                   workers=int(cfg.workers) or None, allow_weak=bool(cfg.allow_weak_sandbox),
+                   limits=sandbox_limits(cfg), out_dir=ctx.out_dir)
+  counts = {}
+  for row in evaluation.rows:
+    n, c = counts.get(row['task_id'], (0, 0))
+    counts[row['task_id']] = (n + 1, c + int(row['passed']))
+  return {'pass_at_k': {k: v for k, v in evaluation.scores.items() if k.startswith('pass@')},
+          'ci95': stats.passk_bootstrap(counts, ks, seed=config.seed),
+          'n': int(cfg.n), 'num_problems': len(problems)}
+
+
+def _evaluator():
+  from collab.evals import interface
+  return interface.Evaluator(
+      name='passk', needs=frozenset({'model'}), enabled=interface.enabled_flag('passk'),
+      settings=interface.settings_of('passk', lambda c: list(c.eval.stop_strings)),
+      compute=_compute)  # Its numbers are columns of the effectiveness table.
+
+
+EVALUATOR = _evaluator()

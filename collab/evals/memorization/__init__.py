@@ -1,1 +1,2 @@
-"""What a model gives back of its training code: prompts, clone audits, k-extractability, ranking."""
+"""What a model gives back of its training code: prompts, clone audits,
+k-extractability, extraction ranking."""

@@ -24,6 +24,7 @@ bound stays informative (about 3.84 / (n + 3.84) at c = 0); its bounds are exact
 c = 0 and 1 at c = n.
 """
 
+import os
 import zlib
 from typing import NamedTuple, Sequence
 
@@ -362,3 +363,79 @@ def evaluate(params, model_config, data_dir: str, names: Sequence[str], *,
   logging.info('Extractability: %d extracted training windows over ks %s.', len(rows), fit)
   return ({'ks': [int(k) for k in ks], 'm': int(m), 'skipped_ks': skipped,
            'participants': participants}, rows)
+
+
+# ---- The evaluator (collab/evals/interface.py): k-extractability of one model.
+
+NAME = 'extractability'
+
+
+def _compute(ctx) -> dict:
+  """The section, with every extracted window (file, copies, cross-organization) written
+  to EVAL_DIR/extractability/extracted.jsonl."""
+  from collab import io
+  cfg = ctx.config.eval.extractability
+  sampled = int(cfg.samples) if ctx.model in tuple(cfg.sampled_models) else 0
+  section, rows = evaluate(
+      ctx.params, ctx.model_config, ctx.data_dir, ctx.names, ks=tuple(int(k) for k in cfg.ks),
+      m=int(cfg.m), batch_size=int(ctx.config.eval.batch_size), seed=int(ctx.config.seed),
+      samples=sampled, temperature=float(cfg.temperature), max_blocks=int(cfg.max_blocks))
+  io.write_jsonl(os.path.join(ctx.out_dir, 'extracted.jsonl'), rows)
+  return section
+
+
+def primary_k(section: dict) -> str | None:
+  """The smallest k that fitted the blocks (the one findings and figures use)."""
+  ks = [k for k in section.get('ks', ()) if k not in section.get('skipped_ks', ())]
+  return str(min(ks)) if ks else None
+
+
+def _tables(views: Sequence[dict]) -> list:
+  """One row per run, model and participant: its fit, the extractable share of its
+  training windows at each k (Wilson 95% CI), the validation null and (n, p)-extraction."""
+  from collab.evals import interface
+  with_section = [v for v in views if v.get(NAME)]
+  if not with_section:
+    return []
+  ks = sorted({int(k) for v in with_section for k in v[NAME]['ks']
+               if k not in v[NAME].get('skipped_ks', ())})
+  if not ks:
+    return []  # No k fitted the blocks: the section says which were skipped.
+  m = with_section[0][NAME]['m']
+  header = ['run', 'model', 'participant', 'train loss'] + [
+      f'k={k} extractable % [95% CI]' for k in ks] + [
+      f'k={ks[0]} mean match', f'k={ks[0]} valid (null) %', f'k={ks[0]} sampled %',
+      f'k={ks[0]} cross-org extracted / windows']
+  rows = []
+  for v in with_section:
+    for p, block in v[NAME]['participants'].items():
+      train, valid = block.get('train') or {}, block.get('valid') or {}
+      first = train.get(str(ks[0])) or {}
+      null = valid.get(str(ks[0])) or {}
+      sampled = (block.get('sampled') or {}).get(str(ks[0])) or {}
+      cross = block.get('cross_org') or {}
+      fit = ((v.get('fit') or {}).get('participants') or {}).get(p) or {}
+      rows.append([v['run'], v.get('model', 'final'), p,
+                   interface.fmt([fit.get('train_loss')], 3)] + [
+          interface.fmt_ci((train.get(str(k)) or {}).get('rate'),
+                           (train.get(str(k)) or {}).get('ci95')) +
+          f" ({(train.get(str(k)) or {}).get('extracted', '–')}/"
+          f"{(train.get(str(k)) or {}).get('windows', '–')})" for k in ks] + [
+          interface.fmt([first.get('mean_match')], 1),
+          interface.fmt([null.get('rate')], 1, percent=True),
+          interface.fmt([sampled.get('rate')], 1, percent=True),
+          f"{cross.get('extracted', '–')}/{cross.get('windows', '–')}"])
+  return [interface.Table(NAME, f'k-extractability: greedy decoding of a training block\'s '
+                          f'first k tokens (at their training positions) reproduces its next '
+                          f'{m} exactly; validation blocks are the null', header, rows)]
+
+
+def _evaluator():
+  from collab.evals import interface
+  return interface.Evaluator(
+      name=NAME, needs=frozenset({'model', 'data'}), enabled=interface.enabled_flag(NAME),
+      settings=interface.settings_of(NAME),
+      compute=_compute, tables=_tables)
+
+
+EVALUATOR = _evaluator()

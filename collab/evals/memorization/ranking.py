@@ -23,11 +23,13 @@ order (stable sort); a sample without a score (NaN: no token to score) ranks las
 """
 
 import dataclasses
+import os
 import zlib
 from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from collab import io
 from collab.data import tokenizer as tokenizer_lib
 from collab.evals.memorization import audit
 
@@ -183,3 +185,89 @@ def evaluate(texts: Sequence[str], memorized_by: Sequence[Collection[str]],
                        for p in participants},
       'random_precision': float(flags_S.mean()) if num else None,
   }
+
+
+# ---- The evaluator (collab/evals/interface.py): rankings of the clone audit's samples.
+
+def reference_folders(ctx) -> list:
+  """(folder, participants it saw) of the reference models config.eval.ranking.references
+  names: 'auto' is the study's single runs of each participant (at the run's seed), which
+  never saw the others; otherwise comma-separated Hugging Face folders that saw nobody."""
+  spec = str(ctx.config.eval.ranking.references).strip()
+  if spec != 'auto':
+    return [(f.strip(), frozenset()) for f in spec.split(',') if f.strip()]
+  study, name = os.path.split(os.path.abspath(ctx.run_dir))
+  seed = name[name.index('@'):] if '@' in name else ''
+  out = []
+  for p in ctx.names:
+    folder = os.path.join(study, f'single-{p}{seed}')
+    if os.path.isfile(os.path.join(folder, 'final', 'config.json')):
+      out.append((os.path.join(folder, 'final'), frozenset({p})))
+  return out
+
+
+def _compute(ctx) -> dict | None:
+  from collab import hf
+  from collab.evals.generation import scoring
+  mem_dir = os.path.join(ctx.eval_dir, 'memorization')
+  samples_path = os.path.join(ctx.eval_dir, audit.SAMPLES_JSONL)
+  rows_path = os.path.join(mem_dir, 'memorized.jsonl')
+  if not (os.path.isfile(samples_path) and os.path.isfile(rows_path)):
+    return None  # No clone audit of this model: nothing to rank.
+  samples = [audit.Sample(**r) for r in io.read_jsonl(samples_path)]
+  _, texts, memorized_by = unprompted_inputs(samples, io.read_jsonl(rows_path))
+  if not texts:
+    return None  # eval.memorization.unprompted_samples is 0.
+  eot, max_len = tokenizer_lib.eot_id(ctx.tokenizer), ctx.model_config.max_len
+  nll_S = score_texts(ctx.score, ctx.tokenizer, texts, eot, max_len=max_len)
+  references = []
+  for folder, saw in reference_folders(ctx):
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f'config.eval.ranking.references names {folder!r}, which is '
+                              'not a folder; give Hugging Face GPT-2 folders or auto.')
+    params, model_config = hf.import_hf(folder,
+                                        int(ctx.config.model.get('vocab_multiple', 1)))
+    score = scoring.make_scorer(params, model_config, int(ctx.config.train.eval_batch_size))
+    references.append(Reference(score_texts(score, ctx.tokenizer, texts, eot,
+                                            max_len=model_config.max_len), saw))
+  out = evaluate(texts, memorized_by, nll_S, references, participants=list(ctx.names),
+                 ns=tuple(int(n) for n in ctx.config.eval.ranking.top))
+  out['references'] = [folder for folder, _ in reference_folders(ctx)]
+  return out
+
+
+def _tables(views) -> list:
+  """Precision of each ranking's top n beside a random ranking's, per run and model."""
+  from collab.evals import interface
+  with_rankings = [v for v in views if v.get('ranking')]
+  if not with_rankings:
+    return []
+  ns = sorted({int(n) for v in with_rankings for n in v['ranking']['ns']})
+  header = ['run', 'model', 'samples', 'memorized', 'ranking'] + [
+      f'top {n} memorized' for n in ns] + ['random precision %', 'references']
+  rows = []
+  for v in with_rankings:
+    r = v['ranking']
+    for name in RANKINGS:
+      block = r['rankings'].get(name)
+      top = [(block or {}).get(str(n)) for n in ns]
+      rows.append([v['run'], v.get('model', 'final'), str(r['samples']), str(r['memorized']),
+                   name] + [f"{t['memorized']}/{n}" if t else '–' for t, n in zip(top, ns)] + [
+          interface.fmt([r['random_precision']], 1, percent=True),
+          str(len(r.get('references') or [])) if name == 'reference' else ''])
+  return [interface.Table('ranking', 'Extraction ranking of unprompted samples: memorized '
+                          'samples among each ranking\'s top n (no reference model: –)',
+                          header, rows)]
+
+
+def _evaluator():
+  from collab.evals import interface
+  return interface.Evaluator(
+      name='ranking', needs=frozenset({'model', 'scorer', 'samples'}),
+      enabled=interface.enabled_flag('ranking'),
+      # The samples it ranks are the clone audit's: its settings are part of the key.
+      settings=interface.settings_of('ranking', lambda c: c.eval.memorization.to_dict()),
+      compute=_compute, tables=_tables)
+
+
+EVALUATOR = _evaluator()

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from collab.data import canaries as canaries_lib
+from collab.evals import interface
 
 
 def candidate_secrets(alphabet: str, length: int, secret: str, max_candidates: int,
@@ -135,3 +136,56 @@ def _mean_by_repeats(rows: Sequence[dict]) -> dict:
   for x in rows:
     groups.setdefault(x['repeats'], []).append(x['exposure'])
   return {str(n): float(np.mean(v)) for n, v in sorted(groups.items())}
+
+
+# ---- The evaluator (collab/evals/interface.py): exposure of the planted canaries.
+
+def _compute(ctx) -> dict | None:
+  from collab.data import tokenizer as tokenizer_lib
+  meta = canaries_lib.load(ctx.data_dir)
+  if meta is None:
+    return None  # A data folder without canaries: nothing to measure.
+  return evaluate(ctx.score, tokenizer_lib.make_encoder(ctx.tokenizer),
+                  tokenizer_lib.eot_id(ctx.tokenizer), meta,
+                  candidates=int(ctx.config.eval.canaries.candidates),
+                  seed=int(ctx.config.seed))
+
+
+def exposure_of(view: dict, repeats: int, participant: str | None = None):
+  """Mean canary exposure at a repeat count: of one participant, or of those trained on."""
+  parts = ((view.get('canaries') or {}).get('participants') or {})
+  names = [participant] if participant else interface.trained_on(view)
+  return interface.mean([((parts.get(p) or {}).get('by_repeats') or {}).get(str(repeats))
+                         for p in names])
+
+
+def repeat_counts(views: Sequence[dict]) -> list:
+  counts = set()
+  for v in views:
+    counts.update(int(n) for n in ((v.get('canaries') or {}).get('by_repeats') or {}))
+  return sorted(counts)
+
+
+def _tables(views: Sequence[dict]) -> list:
+  """Mean exposure per run, model, participant and repeat count."""
+  if not any(v.get('canaries') for v in views):
+    return []
+  counts = repeat_counts(views)
+  space = next(v['canaries'].get('log2_space') for v in views if v.get('canaries'))
+  header = ['run', 'model', 'participant', 'trained on'] + [f'exposure {n}x' for n in counts]
+  rows, groups = [], interface.group_views(views)
+  for key in interface.privacy_ordered(groups):
+    group = groups[key]
+    if not group[0].get('canaries'):
+      continue
+    for p in group[0]['canaries']['participants']:
+      rows.append([*key, p, 'yes' if p in interface.trained_on(group[0]) else 'no'] +
+                  [interface.fmt([exposure_of(g, n, p) for g in group]) for n in counts])
+  return [interface.Table('canaries', f'Canary exposure in bits (max log2|R| = {space:.1f})',
+                          header, rows)]
+
+
+EVALUATOR = interface.Evaluator(
+    name='canaries', needs=frozenset({'scorer', 'data'}),
+    enabled=interface.enabled_flag('canaries'), settings=interface.settings_of('canaries'),
+    compute=_compute, tables=_tables)

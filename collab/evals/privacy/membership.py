@@ -28,6 +28,7 @@ from scipy import stats as scipy_stats
 
 from collab.data import canaries as canaries_lib
 from collab.data import tfds_builder
+from collab.evals import interface
 
 SCORES = ('loss', 'min_k')
 
@@ -127,3 +128,51 @@ def evaluate(score: Callable, encode: Callable, eot_id: int, data_dir: str,
   return {'participants': out, 'scores': list(SCORES),
           'settings': {'max_files': int(max_files), 'seq_len': int(seq_len), 'min_k': float(k),
                        'fpr': float(fpr), 'seed': int(seed)}}
+
+
+# ---- The evaluator (collab/evals/interface.py): loss and Min-K% attacks on files.
+
+def _compute(ctx) -> dict:
+  from collab.data import tokenizer as tokenizer_lib
+  cfg = ctx.config.eval.membership
+  return evaluate(ctx.score, tokenizer_lib.make_encoder(ctx.tokenizer),
+                  tokenizer_lib.eot_id(ctx.tokenizer), ctx.data_dir, ctx.names,
+                  max_files=int(cfg.max_files), seq_len=ctx.seq_len, k=float(cfg.min_k),
+                  fpr=float(cfg.fpr), seed=int(ctx.config.seed))
+
+
+def mia_of(view: dict, score: str, key: str = 'auroc', participant: str | None = None):
+  """A membership-inference number: of one participant, or the mean over those trained on."""
+  parts = ((view.get('membership') or {}).get('participants') or {})
+  names = [participant] if participant else interface.trained_on(view)
+  return interface.mean([((parts.get(p) or {}).get(score) or {}).get(key) for p in names])
+
+
+def _tables(views: Sequence[dict]) -> list:
+  """AUROC and TPR at the configured FPR per run, model, participant and score."""
+  if not any(v.get('membership') for v in views):
+    return []
+  fpr = next(v['membership']['settings']['fpr'] for v in views if v.get('membership'))
+  tpr = f'TPR@{100 * fpr:g}%FPR %'
+  header = ['run', 'model', 'participant', 'trained on', 'members / non-members',
+            'AUROC loss', f'{tpr} loss', 'AUROC min-k', f'{tpr} min-k']
+  rows, groups = [], interface.group_views(views)
+  for key in interface.privacy_ordered(groups):
+    group = groups[key]
+    parts = (group[0].get('membership') or {}).get('participants') or {}
+    for p, m in parts.items():
+      if not m:
+        continue
+      rows.append([*key, p, 'yes' if p in interface.trained_on(group[0]) else 'no',
+                   f"{m['members']} / {m['nonmembers']}"] + [
+          interface.fmt([mia_of(g, s, k, p) for g in group], *spec) for s in SCORES
+          for k, spec in (('auroc', (3,)), ('tpr_at_fpr', (1, True)))])
+  return [interface.Table('membership', 'Membership inference: training vs validation files',
+                          header, rows)]
+
+
+EVALUATOR = interface.Evaluator(
+    name='membership', needs=frozenset({'scorer', 'data'}),
+    enabled=interface.enabled_flag('membership'),
+    settings=interface.settings_of('membership'),
+    compute=_compute, tables=_tables)
