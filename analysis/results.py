@@ -59,6 +59,12 @@ MODEL_ORDER = ('final', 'best')  # results.json: the final model's sections at t
 # every other model's under results['models'][name] (collab.evaluate).
 
 
+# What describes a run rather than one of its models (model_view keeps these).
+RUN_FIELDS = ('run', 'setting', 'participants', 'order', 'server_optimizer', 'seed',
+              'tokens_seen', 'tokens_seen_per_participant', 'forgetting', 'train_seconds',
+              'privacy', 'snapshots', 'machine')
+
+
 def models_of(run: dict) -> list:
   """The models a run was evaluated on: 'final', then those under results['models']."""
   return ['final'] + [m for m in sorted(run.get('models') or {},
@@ -72,7 +78,11 @@ def model_view(run: dict, model: str) -> dict | None:
   if model == 'final':
     return {**run, 'model': 'final'}
   other = (run.get('models') or {}).get(model)
-  return None if other is None else {**run, **other, 'model': model}
+  if other is None:
+    return None
+  # Only what describes the run carries over: a section this model lacks is absent, not
+  # the final model's (its perplexity blocks, its memorization, ...).
+  return {**{k: v for k, v in run.items() if k in RUN_FIELDS}, **other, 'model': model}
 
 
 def model_views(runs: Sequence[dict], models: Sequence[str] = MODEL_ORDER) -> list:

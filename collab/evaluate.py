@@ -209,8 +209,11 @@ _POINT_FIELDS = ('fraction', 'step', 'round', 'stage', 'participant', 'epochs', 
 
 def _point(info: dict) -> dict:
   """Where in training a model stands, and its validation perplexity."""
+  valid = info.get('valid') or {}
   return {**{k: info[k] for k in _POINT_FIELDS if k in info},
-          'perplexity': {n: r['perplexity'] for n, r in (info.get('valid') or {}).items()}}
+          'perplexity': {n: r['perplexity'] for n, r in valid.items()},
+          'perplexity_blocks': {n: r['block_losses'] for n, r in valid.items()
+                                if 'block_losses' in r}}
 
 
 def evaluate_run(config, workdir: str) -> dict:

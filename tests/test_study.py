@@ -30,6 +30,8 @@ def micro_study_config(root: str):
   c.eval.passk.max_new_tokens, c.eval.passk.timeout = 12, 2.0
   c.eval.memorization.max_prompts, c.eval.memorization.samples_per_prompt = 3, 2
   c.eval.memorization.max_new_tokens = 24
+  c.eval.extractability.ks, c.eval.extractability.m = (8, 16), 8
+  c.study.snapshot_runs, c.study.snapshot_fractions = ('centralized',), (0.5,)
   return c
 
 
@@ -73,11 +75,12 @@ def test_every_run_appears_in_every_table(finished):
   for name in [s.name for s in study.expand(config)]:
     assert name in text
   assert 'alpha → beta' in text and 'beta → alpha' in text
-  for name in ('effectiveness', 'memorization', 'incremental', 'crossorg'):
+  for name in ('effectiveness', 'memorization', 'incremental', 'crossorg', 'extractability'):
     assert os.path.isfile(os.path.join(workdir, 'tables', f'{name}.tex'))
   figures = plots.write_figures(workdir)
   assert {os.path.basename(p) for p in figures} == {
-      'memorization.png', 'incremental_orders.png', 'loss_curves.png', 'forgetting.png'}
+      'memorization.png', 'incremental_orders.png', 'loss_curves.png', 'forgetting.png',
+      'memorization_vs_fit.png'}
 
 
 def test_rerun_is_a_no_op_and_tables_are_byte_identical(finished):
