@@ -62,7 +62,8 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
 
   At config.train.snapshot_fractions of the steps the model is also exported, with its
   validation results, to WORKDIR/snapshots/ (run.save_snapshot) for evaluation over
-  training.
+  training. After every validation the best model so far is kept in WORKDIR/best
+  (run.keep_best).
   """
   start_time = time.time()
   pooled, owner_N = _pool(train)
@@ -99,34 +100,45 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
         params = engine.to_host(state)['params']
         result = evaluate_valid(config, model, params, valid)
         writer.write(done, _ppl_metrics(result))
+        point = _point(config, len(pooled), done, num_steps, result)
+        run.keep_best(workdir, params, model.config, eot_id, point, tokenizer_dir)
         if done in snapshots:
           run.save_snapshot(workdir, done, params, model.config, eot_id, {
-              'fraction': done / num_steps, 'requested_fraction': snapshots[done],
-              'step': done, 'steps': num_steps, 'epochs': _epochs(config, len(pooled), done),
-              'train_loss': last_loss, 'valid': result}, tokenizer_dir)
+              **point, 'requested_fraction': snapshots[done], 'train_loss': last_loss},
+              tokenizer_dir)
       checkpoint.save(manager, done, engine.to_host(state),
                       {'data': batches.position, 'blocks_seen': seen_P.tolist()},
                       force=done == num_steps)
       bar.update(1)
   manager.wait_until_finished()
   manager.close()
-  final = evaluate_valid(config, model, engine.to_host(state)['params'], valid)
+  params = engine.to_host(state)['params']
+  final = evaluate_valid(config, model, params, valid)
   writer.write(num_steps, _ppl_metrics(final))
   writer.close()
+  # best/ before train.json, which marks the run finished.
+  best = run.keep_best(workdir, params, model.config, eot_id,
+                       _point(config, len(pooled), num_steps, num_steps, final), tokenizer_dir)
   summary = {
       'setting': config.setting, 'participants': list(train),
       'steps': num_steps, 'source': source,
       'tokens_seen': int(seen_P.sum()) * (pooled.shape[1] - 1),
       'tokens_seen_per_participant': {
           n: int(seen_P[i]) * (pooled.shape[1] - 1) for i, n in enumerate(train)},
-      'valid': final, 'train_seconds': time.time() - start_time}
-  return run.finish(workdir, engine.to_host(state)['params'], model.config, eot_id, summary,
-                    tokenizer_dir)
+      'valid': final, 'best': run.best_summary(best),
+      'train_seconds': time.time() - start_time}
+  return run.finish(workdir, params, model.config, eot_id, summary, tokenizer_dir)
 
 
-def _epochs(config, num_blocks: int, num_steps: int) -> float:
+def epochs(config, num_blocks: int, num_steps: int) -> float:
   """Passes over the pooled blocks that `num_steps` steps make."""
   return num_steps * config.train.batch_size / max(num_blocks, 1)
+
+
+def _point(config, num_blocks: int, done: int, num_steps: int, valid: dict) -> dict:
+  """Where step `done` lies in the run, with its validation (snapshots, run.keep_best)."""
+  return {'step': done, 'steps': num_steps, 'fraction': done / num_steps,
+          'epochs': epochs(config, num_blocks, done), 'valid': valid}
 
 
 def _log(writer, pending: list, done: int, bar, tokens_per_step: int) -> float:

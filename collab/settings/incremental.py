@@ -8,7 +8,8 @@ chains of `all_orders` share the stages they have in common and every stage keep
 checkpoints for later evaluation; with `incremental.first_stages` (a study sets it) a
 finished single run of the first participant is the first stage. After each stage, fit
 evaluates every participant's validation blocks: the stages' results are the chain's
-forgetting curves.
+forgetting curves. Each stage keeps its own best/ (run.keep_best); the chain's best/ is
+the stage best with the lowest pooled validation loss.
 
 A stage with train.json is done and is not run again; a stage without one resumes from
 its own checkpoint (or starts from its predecessor), so a killed chain resumes at the
@@ -117,12 +118,51 @@ def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> 
                          tokenizer_dir=run.tokenizer_dir_of(data.data_dir))
 
 
+def stage_best(config, folder: str, num_blocks: int) -> tuple:
+  """(best point, folder holding its model) of a finished stage: its best/ (run.keep_best).
+
+  Stages trained before runs kept best/ have none: their final model, with the
+  validation in their train.json, is then the only point known.
+  """
+  point = run.best_point(folder)
+  if point is not None:
+    return point, os.path.join(folder, run.BEST_DIR)
+  summary = io.read_json(os.path.join(folder, run.TRAIN_JSON))
+  steps, valid = summary['steps'], summary['valid']
+  return ({'step': steps, 'steps': steps, 'fraction': 1.0,
+           'epochs': centralized.epochs(config, num_blocks, steps), 'valid': valid,
+           'pooled_loss': run.pooled_loss(valid)}, os.path.join(folder, run.FINAL_DIR))
+
+
+def chain_best(config, workdir: str, order, data: run.RunData) -> tuple:
+  """(point, model folder) of the stage best with the lowest pooled validation loss over
+  the chain (the earlier stage on ties); the point names its 'stage' (from 1) and
+  'participant'. Every stage validates on every participant, so the losses compare."""
+  best = None
+  for k, name in enumerate(order):
+    folder = stage_dir(config, workdir, order[:k + 1])
+    point, model_dir = stage_best(stage_config(config, len(order)), folder,
+                                  len(data.train[name]))
+    if best is None or point['pooled_loss'] < best[0]['pooled_loss']:
+      best = ({**point, 'stage': k + 1, 'participant': name}, model_dir)
+  return best
+
+
+def export_best(workdir: str, point: dict, model_dir: str) -> None:
+  """WORKDIR/best: a copy of the chain's best stage model, with its point.json."""
+  def write(folder):
+    shutil.copytree(model_dir, folder, dirs_exist_ok=True)
+    io.atomic_write_json(os.path.join(folder, run.POINT_JSON), point)
+  run.replace_best(workdir, write)
+
+
 def run_chain(config, workdir: str, order, model, data: run.RunData) -> dict:
   """Every stage of one order, in turn; the chain's summary with its forgetting curves.
 
   `stages` lists, per stage, the participant, its folder (relative to WORKDIR), steps,
   tokens seen and the validation results of every participant after it; `forgetting`
-  maps each participant to its validation perplexity after each stage.
+  maps each participant to its validation perplexity after each stage; `best` is the
+  chain's best point (chain_best).
   """
   stages = []
   for k, name in enumerate(order):
@@ -142,6 +182,7 @@ def run_chain(config, workdir: str, order, model, data: run.RunData) -> dict:
       'tokens_seen': sum(per_participant.values()),
       'tokens_seen_per_participant': per_participant,
       'forgetting': {name: [s['valid'][name]['perplexity'] for s in stages] for name in final},
+      'best': run.best_summary(chain_best(config, workdir, order, data)[0]),
       'train_seconds': sum(s['train_seconds'] for s in stages)}
 
 
@@ -165,5 +206,6 @@ def train(config, workdir: str) -> dict:
   last = os.path.join(stage_dir(config, workdir, chains[0]), run.FINAL_DIR)
   with io.atomic_dir(os.path.join(workdir, run.FINAL_DIR)) as tmp:
     shutil.copytree(last, tmp, dirs_exist_ok=True)
+  export_best(workdir, *chain_best(config, workdir, chains[0], data))  # Before train.json.
   io.atomic_write_json(os.path.join(workdir, run.TRAIN_JSON), summary)
   return summary
