@@ -39,8 +39,6 @@ from collab.settings import incremental
 from collab.settings import run
 
 RESULTS_JSON = 'results.json'
-BEST_DIR = 'best'  # The best model (collab.settings.run), with its point.json.
-POINT_JSON = 'point.json'
 
 
 class NotTrainedError(FileNotFoundError):
@@ -63,8 +61,8 @@ def final_model(folder: str) -> Model:
 
 
 def best_model(workdir: str) -> Model:
-  return Model('best', os.path.join(workdir, BEST_DIR),
-               os.path.join(workdir, BEST_DIR, POINT_JSON),
+  return Model('best', os.path.join(workdir, run.BEST_DIR),
+               os.path.join(workdir, run.BEST_DIR, run.POINT_JSON),
                os.path.join(workdir, 'eval-best'))
 
 

@@ -70,6 +70,13 @@ def get_config(arg=None):
   c.eval.passk.num_problems = 0  # All 164 HumanEval problems.
   c.eval.passk.n = 200  # PROTOCOL: 200 samples per problem, k in {1, 10, 100}.
   c.eval.memorization.max_prompts = 0  # Every documented function of the training data.
+  # k-extractability on Carlini et al.'s context axis, k in {50, 100, 200, 500} and m = 50
+  # (configs/common.py), over a seeded 2,000 blocks per participant and split: a 95% CI
+  # of at most +-2.2 points, one batched greedy call per k.
+  c.eval.extractability.max_blocks = 2000
+  # Snapshots of every run for memorization against fit, and (n, p)-extraction.
+  c.study.snapshot_runs = ('all',)
+  c.eval.extractability.samples = 8
   return c
 
 

@@ -32,6 +32,7 @@ def micro_study_config(root: str):
   c.eval.memorization.max_new_tokens = 24
   c.eval.extractability.ks, c.eval.extractability.m = (8, 16), 8
   c.study.snapshot_runs, c.study.snapshot_fractions = ('centralized',), (0.5,)
+  c.eval.models = ('final',)  # best/ is evaluated in test_evaluators: half the sampling here.
   return c
 
 
