@@ -235,16 +235,18 @@ def _epochs_scale(run: dict, points: list) -> float | None:
 def fit_points(run: dict) -> list:
   """One row per model on the run's path (snapshots, best, final) with extractability and
   fit: {'model', 'best', 'k', 'loss', 'share', 'ppl', 'epochs', 'parts'}: loss is the
-  pooled own training loss, share the extractable share of training windows (summed over
-  participants) at the primary k, ppl the pooled validation perplexity, and parts the
+  pooled training loss and share the extractable share of training windows (summed) at
+  the primary k, both over the participants the run trained on, ppl the pooled validation perplexity, and parts the
   (own training loss, share, own validation perplexity) of each participant."""
   points = matched.path_points(run)
   scale, stages = _epochs_scale(run, points), matched.stages_of(run)
+  own = run.get('participants') or None  # A single run: its own participant only.
   rows = []
   for p in points:
     ext, fit, ppl = p.get('extractability'), p.get('fit'), p.get('perplexity') or {}
-    c, n = matched.summed_counts([p], matched.measured(ext))
-    loss = matched.fit_loss(fit, None)
+    c, n = matched.summed_counts([p], [q for q in matched.measured(ext)
+                                       if own is None or q in own])
+    loss = matched.fit_loss(fit, None, own)
     if not n or loss is None:
       continue
     stage, done = matched.place(p, stages)

@@ -81,6 +81,17 @@ def _ks(runs: Sequence[dict]) -> list:
   return sorted(ks)
 
 
+def _trained_share(view: dict) -> float:
+  """Where a model stands in its run's training (1: the end); a chain's best model at
+  stage k counts the k - 1 stages before it as whole."""
+  if view['model'] == 'final':
+    return 1.0
+  fraction = view.get('fraction') or 0.0
+  if view.get('stage') and view.get('order'):
+    return (int(view['stage']) - 1 + fraction) / len(view['order'])
+  return fraction
+
+
 def effectiveness(runs: Sequence[dict]) -> tuple:
   """Perplexity per participant and pooled, and pass@k, for every run and model."""
   parts, ks = _participants(runs), _ks(model_views(runs))
@@ -89,7 +100,7 @@ def effectiveness(runs: Sequence[dict]) -> tuple:
   rows = []
   for (name, model), group in interface.group_views(model_views(runs)).items():
     row = [name, model, group[0]['setting'],
-           fmt([100.0 if model == 'final' else (group[0].get('fraction') or 0) * 100], 0)]
+           fmt([100.0 * _trained_share(group[0])], 0)]  # The same for every seed.
     row += [fmt([g['perplexity'].get(p) for g in group]) for p in parts + ['pooled']]
     row += [fmt([((g.get('passk') or {}).get('pass_at_k') or {}).get(f'pass@{k}')
                  for g in group], 1, percent=True) for k in ks]

@@ -36,6 +36,7 @@ from collab.evals import evaluators
 from collab.evals import interface
 from collab.evals.generation import scoring
 from collab.settings import incremental
+from collab.settings import best as best_lib
 from collab.settings import run
 
 RESULTS_JSON = 'results.json'
@@ -61,8 +62,8 @@ def final_model(folder: str) -> Model:
 
 
 def best_model(workdir: str) -> Model:
-  return Model('best', os.path.join(workdir, run.BEST_DIR),
-               os.path.join(workdir, run.BEST_DIR, run.POINT_JSON),
+  return Model('best', os.path.join(workdir, best_lib.BEST_DIR),
+               os.path.join(workdir, best_lib.BEST_DIR, best_lib.POINT_JSON),
                os.path.join(workdir, 'eval-best'))
 
 
@@ -149,7 +150,7 @@ def run_evaluator(ev: interface.Evaluator, ctx: interface.Context, model: Model)
   """One evaluator's section for one model: cached under its key, computed otherwise."""
   ctx = ctx._replace(out_dir=os.path.join(model.eval_dir, ev.name))
   key = fingerprint(ctx.config, ctx.run_dir, [ev.settings(ctx.config), ctx.seq_len,
-                                              ctx.model], model.info)
+                                              ctx.model, ev.inputs(ctx)], model.info)
   return _cached(os.path.join(ctx.out_dir, 'result.json'), lambda: ev.compute(ctx), key,
                  stale=tuple(os.path.join(model.eval_dir, s) for s in ev.stale))
 
@@ -247,7 +248,8 @@ def evaluate_run(config, workdir: str) -> dict:
   results.update(evaluate_model(config, workdir, final, tokenizer, seq_len,
                                 seconds=seconds, loaded=loaded))
   del loaded
-  results['models'] = evaluate_other_models(config, workdir, tokenizer, seq_len, seconds)
+  results['models'] = evaluate_other_models(config, workdir, tokenizer, seq_len, seconds,
+                                            summary)
   begin = time.time()
   results['snapshots'] = evaluate_snapshots(config, workdir, tokenizer, seq_len, summary)
   seconds['snapshots'] = time.time() - begin
@@ -261,19 +263,32 @@ def evaluate_run(config, workdir: str) -> dict:
 
 
 def evaluate_other_models(config, workdir: str, tokenizer, seq_len: int,
-                          seconds: dict | None = None) -> dict:
+                          seconds: dict | None = None, summary: dict | None = None) -> dict:
   """{model: its point and sections} for config.eval.models other than 'final'."""
   unknown = sorted(set(config.eval.models) - set(interface.MODELS))
   if unknown:
     raise ValueError(f'config.eval.models has {unknown}; use names among {interface.MODELS}.')
   out = {}
-  if 'best' in config.eval.models:
-    best = best_model(workdir)
-    if os.path.isfile(best.info):  # Runs trained before best/ existed have none.
-      loaded = load_model(best, int(config.model.get('vocab_multiple', 1)))
-      out['best'] = {**_point(loaded[2]), **evaluate_model(
-          config, workdir, best, tokenizer, seq_len, seconds=seconds, loaded=loaded)}
+  best = best_model(workdir)
+  if 'best' in config.eval.models and os.path.isfile(best.info):  # Older runs: no best/.
+    point = io.read_json(best.info)
+    shared = stage_model(workdir, point, summary or {})
+    loaded = load_model(shared or best, int(config.model.get('vocab_multiple', 1)))
+    out['best'] = {**_point(point), **evaluate_model(
+        config, workdir, shared or best, tokenizer, seq_len, seconds=seconds, loaded=loaded)}
   return out
+
+
+def stage_model(workdir: str, point: dict, summary: dict) -> Model | None:
+  """The stage model an incremental chain's best/ copies, evaluated where the stage
+  keeps it: chains that share the stage share its evaluation. None for other runs."""
+  stages = summary.get('stages') or []
+  if not point.get('stage') or len(stages) < int(point['stage']):
+    return None
+  folder = os.path.normpath(os.path.join(workdir, stages[int(point['stage']) - 1]['workdir']))
+  best = best_model(folder)
+  # A stage trained before best/ existed: the chain copied its final model.
+  return best if os.path.isfile(best.info) else final_model(folder)
 
 
 def _memorization_point(mem: dict | None) -> dict | None:

@@ -1,13 +1,15 @@
 """A study: one config expanded into runs, run where missing, evaluated, summarized.
 
 A study folder holds `data/` (built once), one folder per run (`single-NAME`,
-`centralized`, `federated-OPT`, `federated-dp-zZ` (DP-FedAvg at noise multiplier Z),
+`centralized`, `federated-OPT`, `federated-fedavg-rN` (FedAvg with N rounds, to reach
+the centralized fit), `federated-dp-zZ` (DP-FedAvg at noise multiplier Z),
 `incremental-A-B-C`, with `@seedN` when several seeds are asked for), `stages/`
 (incremental stages, shared by the orders that begin alike; `stages@seedN/` per seed
 when there are several; a chain's first stage is the single run of its first
 participant when the study has single runs), `summary.json` and, from
 analysis, `tables/` and `figures/`. Every step skips what is already done, so a study
-interrupted anywhere resumes, and a finished one re-prints its tables in seconds.
+interrupted anywhere resumes, and a finished one re-prints its tables in seconds. Every
+run is trained before any is evaluated, since some evaluators read other runs' models.
 """
 
 import itertools
@@ -90,8 +92,9 @@ def with_snapshots(config, specs: list) -> list:
   audited = tuple(study.get('snapshot_clone_audit', ()))
   unknown = sorted((set(snapshots) | set(audited)) - set(allowed))
   if unknown or set(audited) - set(snapshots):
-    raise ValueError(f'config.study.snapshot_runs / snapshot_clone_audit name '
-                     f'{unknown or audited}, which this study does not run, which share stages (incremental) or '
+    bad = unknown or sorted(set(audited) - set(snapshots))
+    raise ValueError(f'config.study.snapshot_runs / snapshot_clone_audit name {bad}, '
+                     'which this study does not run, which share stages (incremental) or '
                      f'which take no snapshots; use names among {allowed} (audited runs '
                      'must also be in snapshot_runs).')
   out = []
@@ -108,6 +111,9 @@ def with_snapshots(config, specs: list) -> list:
 def fit_matching_spec(config, rounds: int) -> RunSpec:
   """FedAvg with `rounds` rounds of the configured local epochs: more training, so that it
   reaches the centralized run's fit and memorization can be compared at matched fit."""
+  if config.train.get('budget_tokens', 0):
+    raise ValueError('config.study.fit_matching_rounds adds training, which a token budget '
+                     '(config.train.budget_tokens) forbids: set one of them only.')
   if int(rounds) <= int(config.federated.rounds):
     raise ValueError(f'config.study.fit_matching_rounds has {rounds}; each must exceed '
                      f'config.federated.rounds={config.federated.rounds} (it adds training).')
@@ -151,16 +157,19 @@ def run_config(config, spec: RunSpec, workdir: str):
   return cfg
 
 
-def run_one(cfg, folder: str) -> dict:
-  """Trains (or resumes) and evaluates one run; returns its results.
-
-  A finished run is reused only if it was trained under the same config; its results
-  are reused only if they were evaluated under the same settings (collab.evaluate).
-  """
+def train_one(cfg, folder: str) -> None:
+  """Trains (or resumes) one run; a finished run is reused only if it was trained under
+  the same config and data."""
   inputs = blocks_lib.load_manifest(run.data_dir_of(cfg, folder)).get('inputs')
   run.check_same_training(cfg, folder, data_inputs=inputs)
   if not run.is_done(folder):
     train_lib.train(cfg, folder)
+
+
+def run_one(cfg, folder: str) -> dict:
+  """Trains (where needed) and evaluates one run; returns its results, reused only if
+  they were evaluated under the same settings and models (collab.evaluate)."""
+  train_one(cfg, folder)
   return (evaluate.load_current_results(cfg, folder)
           or evaluate.evaluate_run(cfg, folder))
 
@@ -186,11 +195,18 @@ def run_study(config, workdir: str) -> dict:
   data_seconds = time.time() - start
   run.write_config(workdir, config)
   results, worked = {}, False
-  with tqdm.tqdm(specs, desc='study', unit='run', position=0, leave=True) as bar:
-    for spec in bar:
+  runs = [(spec, os.path.join(workdir, spec.name), run_config(config, spec, workdir))
+          for spec in specs]
+  # Every run is trained before any is evaluated: an evaluator may read other runs'
+  # models (the extraction ranking's reference models are the single runs).
+  with tqdm.tqdm(runs, desc='study: train', unit='run', position=0, leave=True) as bar:
+    for spec, folder, cfg in bar:
       bar.set_postfix_str(spec.name)
-      folder, cfg = os.path.join(workdir, spec.name), run_config(config, spec, workdir)
       worked |= not (run.is_done(folder) and evaluate.load_current_results(cfg, folder))
+      train_one(cfg, folder)
+  with tqdm.tqdm(runs, desc='study: evaluate', unit='run', position=0, leave=True) as bar:
+    for spec, folder, cfg in bar:
+      bar.set_postfix_str(spec.name)
       results[spec.name] = run_one(cfg, folder)
   summary = {
       'runs': [s.name for s in specs],

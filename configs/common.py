@@ -288,6 +288,7 @@ def eval_config() -> ml_collections.ConfigDict:
   # axis of memorization against fit).
   c.fit = ml_collections.ConfigDict()
   c.fit.enabled = True
+  c.fit.max_blocks = 0  # Training blocks per participant (seeded choice); 0: all.
   # k-extractability (Carlini et al. 2022): greedy decoding of a training block's first k
   # tokens, fed at their training positions, reproduces its next m tokens exactly.
   # Validation blocks are the null.

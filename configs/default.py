@@ -50,10 +50,12 @@ def get_config(arg=None):
   c.eval.passk.n = 5  # Samples per problem: pass@1 and pass@5 (PROTOCOL: n = 200).
   c.eval.passk.ks = (1, 5)
   c.eval.passk.max_new_tokens = 48  # Enough for short HumanEval bodies.
-  # Documented functions per participant (a seeded sample; each has 17-24) and samples
-  # per prompt (PROTOCOL: 5): 120 samples per participant, a CI of +-10 points at most.
+  # Documented functions per participant (a seeded sample; each has 17-24) and PROTOCOL's
+  # 5 samples per prompt: 60 samples per participant, a CI of +-14 points at most. The
+  # clone audit runs on every final and best model and on the centralized and FedAvg
+  # snapshots; k-extractability (below) is the primary measure.
   c.eval.memorization.max_prompts = 12
-  c.eval.memorization.samples_per_prompt = 10
+  c.eval.memorization.samples_per_prompt = 5
   # New tokens per sample (PROTOCOL: 512); a 6-line clone needs ~60-100 tokens of code.
   c.eval.memorization.max_new_tokens = 128
   c.eval.memorization.unprompted_samples = 50  # The extraction protocol runs too.

@@ -74,6 +74,7 @@ def get_config(arg=None):
   # (configs/common.py), over a seeded 2,000 blocks per participant and split: a 95% CI
   # of at most +-2.2 points, one batched greedy call per k.
   c.eval.extractability.max_blocks = 2000
+  c.eval.fit.max_blocks = 2000  # Fit of every model (snapshots too) on as many blocks.
   # Snapshots of every run for memorization against fit, and (n, p)-extraction.
   c.study.snapshot_runs = ('all',)
   c.eval.extractability.samples = 8

@@ -16,6 +16,7 @@ from collab import train as train_lib
 from collab.model import ModelConfig, abstract_params
 from collab.settings import centralized
 from collab.settings import incremental
+from collab.settings import best as best_lib
 from collab.settings import run
 from tests.conftest import tiny_run_config
 from tests.test_federated import compile_cache  # noqa: F401  (module fixture, autouse)
@@ -46,7 +47,7 @@ def _valid_losses(workdir, key='step') -> list:
 
 
 def _point(workdir) -> dict:
-  return json.load(open(os.path.join(workdir, run.BEST_DIR, run.POINT_JSON)))
+  return json.load(open(os.path.join(workdir, best_lib.BEST_DIR, best_lib.POINT_JSON)))
 
 
 def _weights(folder) -> bytes:
@@ -65,9 +66,9 @@ def _assert_first_minimum(workdir, key='step') -> dict:
   point = _point(workdir)
   assert point[key] == first
   assert point['pooled_loss'] == pytest.approx(lowest, rel=1e-12)
-  assert point['pooled_loss'] == run.pooled_loss(point['valid'])
+  assert point['pooled_loss'] == best_lib.pooled_loss(point['valid'])
   assert json.load(open(os.path.join(workdir, run.TRAIN_JSON)))['best'] == (
-      run.best_summary(point))
+      best_lib.best_summary(point))
   return point
 
 
@@ -84,7 +85,7 @@ def test_best_is_the_first_minimum_and_the_model_at_its_step(central):
   assert summary['best'] == {'step': at, 'fraction': at / STEPS, 'epochs': point['epochs'],
                              'pooled_loss': point['pooled_loss'],
                              'perplexity': point['valid']['pooled']['perplexity']}
-  best, best_config = hf.import_hf(os.path.join(workdir, run.BEST_DIR))
+  best, best_config = hf.import_hf(os.path.join(workdir, best_lib.BEST_DIR))
   final, _ = hf.import_hf(os.path.join(workdir, run.FINAL_DIR))
   assert best_config.num_layers == config.model.num_layers
   manager = checkpoint.make_manager(str(workdir), 4, 1, async_save=False)
@@ -94,8 +95,8 @@ def test_best_is_the_first_minimum_and_the_model_at_its_step(central):
     np.testing.assert_array_equal(x, y)
   assert any(not np.array_equal(x, y) for x, y in zip(_leaves(best), _leaves(final)))
   # The tokenizer is beside the weights, as in final/.
-  assert sorted(os.listdir(os.path.join(workdir, run.BEST_DIR))) == sorted(
-      os.listdir(os.path.join(workdir, run.FINAL_DIR)) + [run.POINT_JSON])
+  assert sorted(os.listdir(os.path.join(workdir, best_lib.BEST_DIR))) == sorted(
+      os.listdir(os.path.join(workdir, run.FINAL_DIR)) + [best_lib.POINT_JSON])
 
 
 def test_resumed_run_keeps_the_best_from_before_its_checkpoint(central, tmp_path):
@@ -111,7 +112,7 @@ def test_resumed_run_keeps_the_best_from_before_its_checkpoint(central, tmp_path
   resumed = train_lib.train(config, str(killed))
   assert resumed['source'] != summary['source']  # It did resume from step 4.
   assert resumed['best'] == summary['best']
-  assert _weights(killed / run.BEST_DIR) == _weights(workdir / run.BEST_DIR)
+  assert _weights(killed / best_lib.BEST_DIR) == _weights(workdir / best_lib.BEST_DIR)
   assert _point(killed) == _point(workdir)
 
 
@@ -132,7 +133,7 @@ LOSSES = (3.0, 2.0, 2.5, 2.0, 1.5, 1.5, 1.8)  # Best: the first 1.5 (step 5).
 def _replay(workdir, config, steps) -> dict:
   for step in steps:
     _, params = _tiny_params(float(step))
-    point = run.keep_best(str(workdir), params, config, 0, {
+    point = best_lib.keep_best(str(workdir), params, config, 0, {
         'step': step, 'steps': len(LOSSES), 'fraction': step / len(LOSSES), 'epochs': None,
         'valid': _valid(LOSSES[step - 1])})
   return point
@@ -170,8 +171,8 @@ def test_keep_best_after_a_kill_at_any_moment_of_an_export(tmp_path, monkeypatch
     pass
   monkeypatch.undo()
   assert _replay(tmp_path / 'killed', config, range(3, len(LOSSES) + 1)) == straight
-  assert _weights(tmp_path / 'killed' / run.BEST_DIR) == _weights(
-      tmp_path / 'straight' / run.BEST_DIR)
+  assert _weights(tmp_path / 'killed' / best_lib.BEST_DIR) == _weights(
+      tmp_path / 'straight' / best_lib.BEST_DIR)
   assert not {'.best.new', '.best.old'} & set(os.listdir(tmp_path / 'killed'))
 
 
@@ -184,7 +185,7 @@ def test_federated_run_keeps_its_best_round(tiny_data, tmp_path):
   point = _assert_first_minimum(tmp_path, key='round')
   assert point['rounds'] == 4 and 'step' not in point
   assert summary['best']['round'] == point['round']
-  best, _ = hf.import_hf(os.path.join(tmp_path, run.BEST_DIR))
+  best, _ = hf.import_hf(os.path.join(tmp_path, best_lib.BEST_DIR))
   final, _ = hf.import_hf(os.path.join(tmp_path, run.FINAL_DIR))
   same = all(np.array_equal(x, y) for x, y in zip(_leaves(best), _leaves(final)))
   assert same == (point['round'] == 4)
@@ -198,17 +199,17 @@ def test_incremental_chain_best_is_its_stages_minimum(tiny_data, tmp_path):
   stages = [tmp_path / 'stages' / name for name in ('alpha', 'alpha-beta')]
   for stage in stages:
     assert _point(stage)['step'] == _point(stage)['steps']
-    assert _weights(stage / run.BEST_DIR) == _weights(stage / run.FINAL_DIR)
+    assert _weights(stage / best_lib.BEST_DIR) == _weights(stage / run.FINAL_DIR)
   losses = [_point(stage)['pooled_loss'] for stage in stages]
   k = int(np.argmin(losses))
   point = _point(tmp_path)
   assert point['pooled_loss'] == min(losses)
   assert (point['stage'], point['participant']) == (k + 1, ('alpha', 'beta')[k])
-  assert _weights(tmp_path / run.BEST_DIR) == _weights(stages[k] / run.BEST_DIR)
-  assert summary['best'] == run.best_summary(point)
+  assert _weights(tmp_path / best_lib.BEST_DIR) == _weights(stages[k] / best_lib.BEST_DIR)
+  assert summary['best'] == best_lib.best_summary(point)
   assert summary['best']['stage'] == k + 1
   # A stage trained before runs kept best/: its final model and train.json stand in.
-  shutil.rmtree(stages[k] / run.BEST_DIR)
+  shutil.rmtree(stages[k] / best_lib.BEST_DIR)
   data = run.load_data(config, str(tmp_path), ['alpha', 'beta'])
   again, model_dir = incremental.chain_best(config, str(tmp_path), ('alpha', 'beta'), data)
   assert model_dir == str(stages[k] / run.FINAL_DIR)

@@ -2,7 +2,7 @@
 
 An `Evaluator` says what it needs, what its cache depends on, what it computes for one
 model, the section of results.json it fills and the table rows analysis prints from
-that section. collab/evaluators.py lists them in one explicit tuple; collab/evaluate.py
+that section. collab/evals/evaluators.py lists them in one explicit tuple; collab/evaluate.py
 walks the tuple for every model of a run (final, best, snapshots), and analysis/tables.py
 asks the same objects for their rows. Neither learns any evaluator's name: a new one is
 a module, its config fields and one entry in the tuple.
@@ -25,7 +25,8 @@ class Context(NamedTuple):
   """What an evaluator may read for one model of one run."""
   config: Any  # The run's resolved config (ml_collections.ConfigDict).
   run_dir: str  # The run folder (config.json, data, the other models).
-  model: str  # 'final', 'best', or 'snapshot' (a point of the run's trajectory).
+  # 'final' (a run's or an incremental stage's last model), 'best', or 'snapshot'.
+  model: str
   eval_dir: str  # The model's evaluation folder (see the module docstring).
   out_dir: str  # This evaluator's cache folder: eval_dir/NAME.
   params: Any  # The model's parameters (numpy pytree).
@@ -48,14 +49,15 @@ class Table(NamedTuple):
 class Evaluator(NamedTuple):
   """One evaluator. `compute` returns its results.json section, or None (nothing to say)."""
   name: str  # Its results.json section, cache folder and config.eval field.
-  needs: frozenset  # Subset of NEEDS: what compute reads beyond the config.
+  needs: frozenset  # Subset of NEEDS: what compute reads beyond the config (documents it).
   enabled: Callable[[Any], bool]  # enabled(config): run it at all?
   settings: Callable[[Any], Any]  # settings(config): JSON-able; part of the cache key.
   compute: Callable[[Context], dict | None]
   # tables(runs): rows from results (each run view has 'run', 'model' and the sections).
   tables: Callable[[Sequence[dict]], Sequence[Table]] = lambda runs: ()
-  snapshots: bool = False  # Also evaluated on every snapshot (trajectories)?
   stale: Sequence[str] = ()  # Files (relative to eval_dir) its recomputation invalidates.
+  # inputs(ctx): what else its section depends on (e.g. other runs' models); in the key.
+  inputs: Callable[[Context], Any] = lambda ctx: None
 
 
 def section_of(config, name: str):
@@ -115,7 +117,10 @@ def group_views(views: Sequence[dict]) -> dict:
 
 
 def trained_on(view: dict) -> list:
-  """The participants a run trained on."""
+  """The participants a model was trained on: a chain's best model from stage k has
+  seen the first k of its order only."""
+  if view.get('stage') and view.get('order'):
+    return list(view['order'][:int(view['stage'])])
   return list(view.get('participants') or [])
 
 

@@ -18,6 +18,7 @@ from collab import io
 from collab import steps
 from collab.data import blocks as blocks_lib
 from collab.evals import perplexity
+from collab.settings import best as best_lib
 from collab.settings import run
 
 def train(config, workdir: str, participants: Sequence[str] | None = None, *,
@@ -63,7 +64,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
   At config.train.snapshot_fractions of the steps the model is also exported, with its
   validation results, to WORKDIR/snapshots/ (run.save_snapshot) for evaluation over
   training. After every validation the best model so far is kept in WORKDIR/best
-  (run.keep_best).
+  (best_lib.keep_best).
   """
   start_time = time.time()
   pooled, owner_N = _pool(train)
@@ -101,7 +102,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
         result = evaluate_valid(config, model, params, valid)
         writer.write(done, _ppl_metrics(result))
         point = _point(config, len(pooled), done, num_steps, result)
-        run.keep_best(workdir, params, model.config, eot_id, point, tokenizer_dir)
+        best_lib.keep_best(workdir, params, model.config, eot_id, point, tokenizer_dir)
         if done in snapshots:
           run.save_snapshot(workdir, done, params, model.config, eot_id, {
               **point, 'requested_fraction': snapshots[done], 'train_loss': last_loss},
@@ -117,7 +118,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
   writer.write(num_steps, _ppl_metrics(final))
   writer.close()
   # best/ before train.json, which marks the run finished.
-  best = run.keep_best(workdir, params, model.config, eot_id,
+  best = best_lib.keep_best(workdir, params, model.config, eot_id,
                        _point(config, len(pooled), num_steps, num_steps, final), tokenizer_dir)
   summary = {
       'setting': config.setting, 'participants': list(train),
@@ -125,7 +126,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, *, init_from: str
       'tokens_seen': int(seen_P.sum()) * (pooled.shape[1] - 1),
       'tokens_seen_per_participant': {
           n: int(seen_P[i]) * (pooled.shape[1] - 1) for i, n in enumerate(train)},
-      'valid': final, 'best': run.best_summary(best),
+      'valid': final, 'best': best_lib.best_summary(best),
       'train_seconds': time.time() - start_time}
   return run.finish(workdir, params, model.config, eot_id, summary, tokenizer_dir)
 
@@ -136,7 +137,7 @@ def epochs(config, num_blocks: int, num_steps: int) -> float:
 
 
 def _point(config, num_blocks: int, done: int, num_steps: int, valid: dict) -> dict:
-  """Where step `done` lies in the run, with its validation (snapshots, run.keep_best)."""
+  """Where step `done` lies in the run, with its validation (snapshots, best_lib.keep_best)."""
   return {'step': done, 'steps': num_steps, 'fraction': done / num_steps,
           'epochs': epochs(config, num_blocks, done), 'valid': valid}
 

@@ -48,6 +48,7 @@ from collab.settings import centralized
 from collab.settings import dp as dp_lib
 from collab.settings import round_metrics
 from collab.settings import rounds
+from collab.settings import best as best_lib
 from collab.settings import run
 from collab.settings import server as server_lib
 
@@ -228,7 +229,7 @@ def train(config, workdir: str) -> dict:
 def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
         owner: dict | None = None, tokenizer_dir: str = '') -> dict:
   """Runs (or resumes) the rounds; evaluates every participant (keeping the best model in
-  WORKDIR/best, run.keep_best); writes train.json last.
+  WORKDIR/best, best_lib.keep_best); writes train.json last.
 
   `train` maps client names to their blocks; `owner` maps each client to its participant
   (None: the clients are the participants).
@@ -281,7 +282,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
         result = centralized.evaluate_valid(config, model, state['params'], valid)
         writer.write(r + 1, _ppl_metrics(result), key='round')
         point = _point(fed, r + 1, plan.rounds, result)
-        run.keep_best(workdir, state['params'], model.config, eot_id, point, tokenizer_dir)
+        best_lib.keep_best(workdir, state['params'], model.config, eot_id, point, tokenizer_dir)
         if r + 1 in snapshots:
           run.save_snapshot(workdir, r + 1, state['params'], model.config, eot_id, {
               **point, 'requested_fraction': snapshots[r + 1],
@@ -297,16 +298,16 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
   writer.write(plan.rounds, _ppl_metrics(final), key='round')
   writer.close()
   # best/ before train.json, which marks the run finished.
-  best = run.keep_best(workdir, state['params'], model.config, eot_id,
+  best = best_lib.keep_best(workdir, state['params'], model.config, eot_id,
                        _point(fed, plan.rounds, plan.rounds, final), tokenizer_dir)
   return _finish(config, workdir, model, eot_id, plan, state, seen_N, owner, shape_BxL[1],
-                 {'source': source, 'valid': final, 'best': run.best_summary(best),
+                 {'source': source, 'valid': final, 'best': best_lib.best_summary(best),
                   'train_seconds': time.time() - start_time},
                  [len(train[n]) for n in plan.names], tokenizer_dir)
 
 
 def _point(fed, done: int, num_rounds: int, valid: dict) -> dict:
-  """Where round `done` lies in the run, with its validation (snapshots, run.keep_best).
+  """Where round `done` lies in the run, with its validation (snapshots, best_lib.keep_best).
   Epochs are known only when clients run local epochs."""
   return {'round': done, 'rounds': num_rounds, 'fraction': done / num_rounds,
           'epochs': done * float(fed.local_epochs) if not fed.local_steps else None,

@@ -8,7 +8,7 @@ chains of `all_orders` share the stages they have in common and every stage keep
 checkpoints for later evaluation; with `incremental.first_stages` (a study sets it) a
 finished single run of the first participant is the first stage. After each stage, fit
 evaluates every participant's validation blocks: the stages' results are the chain's
-forgetting curves. Each stage keeps its own best/ (run.keep_best); the chain's best/ is
+forgetting curves. Each stage keeps its own best/ (best_lib.keep_best); the chain's best/ is
 the stage best with the lowest pooled validation loss.
 
 A stage with train.json is done and is not run again; a stage without one resumes from
@@ -26,6 +26,7 @@ import time
 
 from collab import io
 from collab.settings import centralized
+from collab.settings import best as best_lib
 from collab.settings import run
 
 STAGES_DIR = 'stages'
@@ -119,19 +120,19 @@ def run_stage(config, workdir: str, order, k: int, model, data: run.RunData) -> 
 
 
 def stage_best(config, folder: str, num_blocks: int) -> tuple:
-  """(best point, folder holding its model) of a finished stage: its best/ (run.keep_best).
+  """(best point, folder holding its model) of a finished stage: its best/ (best_lib.keep_best).
 
   Stages trained before runs kept best/ have none: their final model, with the
   validation in their train.json, is then the only point known.
   """
-  point = run.best_point(folder)
+  point = best_lib.best_point(folder)
   if point is not None:
-    return point, os.path.join(folder, run.BEST_DIR)
+    return point, os.path.join(folder, best_lib.BEST_DIR)
   summary = io.read_json(os.path.join(folder, run.TRAIN_JSON))
   steps, valid = summary['steps'], summary['valid']
   return ({'step': steps, 'steps': steps, 'fraction': 1.0,
            'epochs': centralized.epochs(config, num_blocks, steps), 'valid': valid,
-           'pooled_loss': run.pooled_loss(valid)}, os.path.join(folder, run.FINAL_DIR))
+           'pooled_loss': best_lib.pooled_loss(valid)}, os.path.join(folder, run.FINAL_DIR))
 
 
 def chain_best(config, workdir: str, order, data: run.RunData) -> tuple:
@@ -152,8 +153,8 @@ def export_best(workdir: str, point: dict, model_dir: str) -> None:
   """WORKDIR/best: a copy of the chain's best stage model, with its point.json."""
   def write(folder):
     shutil.copytree(model_dir, folder, dirs_exist_ok=True)
-    io.atomic_write_json(os.path.join(folder, run.POINT_JSON), point)
-  run.replace_best(workdir, write)
+    io.atomic_write_json(os.path.join(folder, best_lib.POINT_JSON), point)
+  best_lib.replace_best(workdir, write)
 
 
 def run_chain(config, workdir: str, order, model, data: run.RunData) -> dict:
@@ -182,7 +183,7 @@ def run_chain(config, workdir: str, order, model, data: run.RunData) -> dict:
       'tokens_seen': sum(per_participant.values()),
       'tokens_seen_per_participant': per_participant,
       'forgetting': {name: [s['valid'][name]['perplexity'] for s in stages] for name in final},
-      'best': run.best_summary(chain_best(config, workdir, order, data)[0]),
+      'best': best_lib.best_summary(chain_best(config, workdir, order, data)[0]),
       'train_seconds': sum(s['train_seconds'] for s in stages)}
 
 

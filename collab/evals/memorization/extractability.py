@@ -307,7 +307,7 @@ def _participant(p, fit, m, matches, cross, sampled) -> dict:
            for s in SPLITS}
   if p in sampled:
     entry['sampled'] = sampled[p]
-  entry['cross_org'] = {'extracted': 0, 'windows': 0}
+  entry['cross_org'] = None  # No k fitted: nothing was looked for.
   if fit:
     shared_N, extracted_N = cross[p, min(fit)], matches[min(fit)][p, 'train'] == m
     entry['cross_org'] = {'extracted': int((shared_N & extracted_N).sum()),

@@ -201,9 +201,33 @@ def reference_folders(ctx) -> list:
   out = []
   for p in ctx.names:
     folder = os.path.join(study, f'single-{p}{seed}')
-    if os.path.isfile(os.path.join(folder, 'final', 'config.json')):
+    # Finished runs only, and never the evaluated run itself.
+    if folder != os.path.abspath(ctx.run_dir) and os.path.isfile(
+        os.path.join(folder, 'train.json')):
       out.append((os.path.join(folder, 'final'), frozenset({p})))
   return out
+
+
+def reference_inputs(ctx) -> list:
+  """What the ranking's cache depends on beyond its settings: each reference model
+  (its folder and, for a study's run, its train.json)."""
+  out = []
+  for folder, _ in reference_folders(ctx):
+    info = os.path.join(os.path.dirname(folder), 'train.json')
+    out.append([folder, open(info, encoding='utf-8').read() if os.path.isfile(info) else ''])
+  return out
+
+
+def _blind(out: dict) -> dict:
+  """The reference ranking summed over participants, each ranked only against the
+  references that never saw it: {n: {'memorized', 'inspected'}}."""
+  blind = {}
+  for block in out['participants'].values():
+    for n, top in (block['rankings'].get('reference') or {}).items():
+      cell = blind.setdefault(n, {'memorized': 0, 'inspected': 0})
+      cell['memorized'] += top['memorized']
+      cell['inspected'] += int(n)
+  return blind
 
 
 def _compute(ctx) -> dict | None:
@@ -212,7 +236,8 @@ def _compute(ctx) -> dict | None:
   mem_dir = os.path.join(ctx.eval_dir, 'memorization')
   samples_path = os.path.join(ctx.eval_dir, audit.SAMPLES_JSONL)
   rows_path = os.path.join(mem_dir, 'memorized.jsonl')
-  if not (os.path.isfile(samples_path) and os.path.isfile(rows_path)):
+  if not (ctx.config.eval.memorization.enabled and os.path.isfile(samples_path)
+          and os.path.isfile(rows_path)):
     return None  # No clone audit of this model: nothing to rank.
   samples = [audit.Sample(**r) for r in io.read_jsonl(samples_path)]
   _, texts, memorized_by = unprompted_inputs(samples, io.read_jsonl(rows_path))
@@ -233,6 +258,12 @@ def _compute(ctx) -> dict | None:
   out = evaluate(texts, memorized_by, nll_S, references, participants=list(ctx.names),
                  ns=tuple(int(n) for n in ctx.config.eval.ranking.top))
   out['references'] = [folder for folder, _ in reference_folders(ctx)]
+  trained = set(io.read_json(os.path.join(ctx.run_dir, 'train.json'))['participants'])
+  if any(r.saw & trained for r in references):
+    # A pooled reference ranking would cancel memorization with a model that saw it:
+    # each participant is ranked against the references that never saw it instead.
+    out['rankings'].pop('reference', None)
+    out['reference_blind'] = _blind(out)
   return out
 
 
@@ -249,10 +280,13 @@ def _tables(views) -> list:
   for v in with_rankings:
     r = v['ranking']
     for name in RANKINGS:
-      block = r['rankings'].get(name)
+      blind = name == 'reference' and r.get('reference_blind')
+      block = r['reference_blind'] if blind else r['rankings'].get(name)
       top = [(block or {}).get(str(n)) for n in ns]
       rows.append([v['run'], v.get('model', 'final'), str(r['samples']), str(r['memorized']),
-                   name] + [f"{t['memorized']}/{n}" if t else '–' for t, n in zip(top, ns)] + [
+                   name + (' (per participant, summed)' if blind else '')] + [
+          f"{t['memorized']}/{t.get('inspected', n)}" if t else '–'
+          for t, n in zip(top, ns)] + [
           interface.fmt([r['random_precision']], 1, percent=True),
           str(len(r.get('references') or [])) if name == 'reference' else ''])
   return [interface.Table('ranking', 'Extraction ranking of unprompted samples: memorized '
@@ -262,12 +296,13 @@ def _tables(views) -> list:
 
 def _evaluator():
   from collab.evals import interface
+  from collab.evals.memorization import clone_audit
   return interface.Evaluator(
       name='ranking', needs=frozenset({'model', 'scorer', 'samples'}),
       enabled=interface.enabled_flag('ranking'),
       # The samples it ranks are the clone audit's: its settings are part of the key.
-      settings=interface.settings_of('ranking', lambda c: c.eval.memorization.to_dict()),
-      compute=_compute, tables=_tables)
+      settings=lambda c: [c.eval.ranking.to_dict(), clone_audit.EVALUATOR.settings(c)],
+      compute=_compute, tables=_tables, inputs=reference_inputs)
 
 
 EVALUATOR = _evaluator()
