@@ -50,13 +50,14 @@ RULES = (
     'either reversed contradicts). F5: share of extracted windows (memorized spans) that '
     'are cross-organization clones > 0 in both the centralized and the FedAvg run (none '
     'extracted: inconclusive; some but none cross-org: contradicted). At matched fit only '
-    'the memorization part is judged, at equal training loss: F3 FedAvg (the run whose fit '
-    'overlaps centralized\'s most) minus centralized < 0, pooled over participants; F4 a '
-    'participant seen last minus the same participant seen earlier > 0 (same data, so '
-    'its difficulty cancels), the mean over participants; F5 both cross-organization '
-    'shares > 0 at F3\'s level. Samples are resampled as independent draws although each '
-    'prompt gives several, so clone-ratio intervals are narrower than a bootstrap over '
-    'prompts would give.')
+    'memorization is judged, on the mean gap over training losses spaced evenly in '
+    'log(loss) across the range both sides reach (parametric-bootstrap interval; the gap at '
+    'the lowest such loss beside it): F3 FedAvg (the run whose fit overlaps centralized\'s '
+    'most) minus centralized < 0, pooled over participants; F4 a participant seen last '
+    'minus itself seen earlier > 0 (same data, so its difficulty cancels), the mean over '
+    'participants; F5 both cross-organization shares > 0 at F3\'s lowest loss, where '
+    'windows are extracted. Samples are resampled as independent draws although each '
+    'prompt gives several, so clone-ratio intervals are narrower than resampling prompts.')
 
 
 # ---- Bootstrap --------------------------------------------------------------------------
@@ -126,8 +127,9 @@ def _has_ext(runs) -> bool:
   return any(matched.primary_k(r.get('extractability')) for r in runs)
 
 
-def _names(runs) -> list:
-  return results.participants(runs)
+def _names(runs) -> list:  # A best model may have extractability alone.
+  return list(dict.fromkeys(results.participants(runs) + [
+      p for r in runs for p in matched.measured(r.get('extractability'))]))
 
 
 # ---- Formatting -------------------------------------------------------------------------
@@ -175,14 +177,9 @@ def finding2(runs) -> tuple:
   """Federated (FedAvg) perplexity close to centralized: ratio within CLOSE either way."""
   mean, ci = mean_interval(_paired(_fedavg(runs), _by_setting(runs, 'centralized'),
                                    _names(runs)))
-  if ci is None:
-    v = INCONCLUSIVE
-  elif -math.log(CLOSE) <= ci[0] and ci[1] <= math.log(CLOSE):
-    v = SUPPORTED
-  elif ci[0] > math.log(CLOSE) or ci[1] < -math.log(CLOSE):
-    v = CONTRADICTED
-  else:
-    v = INCONCLUSIVE
+  bound = math.log(CLOSE)
+  v = (INCONCLUSIVE if ci is None else SUPPORTED if -bound <= ci[0] and ci[1] <= bound
+       else CONTRADICTED if ci[0] > bound or ci[1] < -bound else INCONCLUSIVE)
   return _ratio_text(mean, ci), v
 
 
@@ -225,15 +222,10 @@ def _last_vs_others(chains, counts) -> tuple:
 
 
 def _last_first_perplexity(chains) -> tuple:
-  """(mean, CI) of loss differences: a participant seen last minus itself seen first."""
-  diffs = []
-  for p in _names(chains):
-    lasts = [r for r in chains if r['order'][-1] == p]
-    firsts = [r for r in chains if r['order'][0] == p]
-    for a, b in zip(lasts, firsts):  # Pairs of orders: p seen last vs seen first.
-      la, lb = _blocks(a, p), _blocks(b, p)
-      if la.size and la.size == lb.size:
-        diffs.append(la - lb)
+  """(mean, CI) of loss differences: a participant seen last minus itself seen first,
+  over pairs of orders."""
+  diffs = [_paired([r for r in chains if r['order'][-1] == p],
+                   [r for r in chains if r['order'][0] == p], [p]) for p in _names(chains)]
   return mean_interval(np.concatenate(diffs) if diffs else [])
 
 
@@ -294,67 +286,62 @@ def finding5(runs) -> tuple:
 
 # ---- At matched fit: (estimate text, verdict) ------------------------------------------
 
-def _has_path(runs) -> bool:
-  """Whether any run has a model with both fit and extractability recorded."""
-  return any(matched.trajectory(r) for r in runs)
-
-
 def _fedavg_at_fit(runs) -> tuple:
   """(FedAvg run name, its runs, result vs centralized or None, every result): the FedAvg
   runs (any schedule) whose pooled training loss overlaps centralized's most."""
   central = [matched.trajectory(r) for r in _by_setting(runs, 'centralized')]
   groups = results.group_seeds(_by_setting(runs, 'federated', 'fedavg'))
-  (name, res), tried = matched.widest_overlap(
-      ('centralized', central),
-      {n: [matched.trajectory(r) for r in g] for n, g in groups.items()})
+  (name, res), tried = matched.widest_overlap(('centralized', central), {
+      n: [matched.trajectory(r) for r in g] for n, g in groups.items()})
   return name, groups.get(name), res, tried
 
 
+def _gap_text(res: dict, names: tuple) -> str:
+  """'X [lo, hi] points (B b%, A a%)': a matched difference b - a and its two shares."""
+  return (f"{_pct_text(res['diff'], res['ci95'], 2)} points ({names[1]} "
+          f"{100 * res['b']:.2f}%, {names[0]} {100 * res['a']:.2f}%)")
+
+
 def matched3(runs) -> tuple:
-  """FedAvg minus centralized extractable share at equal pooled training loss."""
-  if not _has_path(runs):
+  """FedAvg minus centralized extractable share at equal pooled training loss: the mean
+  gap over the fit both reach, and the gap at the lowest loss both reach."""
+  if not matched.has_path(runs):
     return '– (no fit with extractability recorded)', NONE
   name, _, res, tried = _fedavg_at_fit(runs)
   if res is None:
     return ('; '.join(r['reason'] for r in tried.values()) or '– (no FedAvg run)',
             INCONCLUSIVE)
-  lo, hi = res['overlap']
-  return (f"{name} minus centralized at train loss {res['loss']:.3f} (both reach "
-          f"[{lo:.3f}, {hi:.3f}]): {_pct_text(res['diff'], res['ci95'], 2)} points "
-          f"({name} {100 * res['b']['rate']:.2f}%, centralized "
-          f"{100 * res['a']['rate']:.2f}%)"), verdict(direction(res['ci95'], -1))
+  names = ('centralized', name)
+  return (f"{name} minus centralized, mean over {len(res['levels'])} train losses log-spaced"
+          f" across {matched.span(res['overlap'])} (both reach): {_gap_text(res, names)}; at "
+          f"the lowest, {res['lowest']['loss']:.3f}: {_gap_text(res['lowest'], names)}"
+          ), verdict(direction(res['ci95'], -1))
 
 
 def matched4(runs) -> tuple:
-  """A participant seen last minus itself seen earlier (other orders), at equal own
-  training loss; the mean over participants. The same data on both sides, so a
+  """A participant seen last minus itself seen earlier (other orders) at equal own
+  training loss, the mean over participants. The same data on both sides, so a
   participant whose code is easier to extract at any fit does not decide it."""
   chains = _chains(runs)
-  if not _has_path(chains):
+  if not matched.has_path(chains):
     return '– (no chain with fit and extractability recorded)', NONE
-  rng = np.random.default_rng(SEED)
-  each = {}
-  for p in _names(chains):
-    last = [matched.trajectory(r, p) for r in chains if r['order'][-1] == p]
-    earlier = [matched.trajectory(r, p) for r in chains if p in r['order'][:-1]]
-    if last and earlier:
-      each[p] = matched.matched_difference(earlier, last, (f'{p} earlier', f'{p} last'),
-                                           rng=rng)
-  mean = matched.mean_difference(list(each.values()))
+  each = matched.last_vs_earlier(chains, _names(chains))
+  mean, low = (matched.mean_difference(list(each.values()), k) for k in (None, 'lowest'))
   misses = [r['reason'] for r in each.values() if not r['matched']]
   if mean is None:
-    return ('; '.join(misses) or 'no participant is seen both last and earlier',
-            INCONCLUSIVE)
-  levels = ', '.join(f"{p} {r['loss']:.3f}" for p, r in each.items() if r['matched'])
-  text = (f"last minus earlier, same participant: {_pct_text(mean['diff'], mean['ci95'], 2)}"
-          f" points (mean over {mean['count']} participants, at train loss {levels})")
+    return '; '.join(misses) or 'no participant seen both last and earlier', INCONCLUSIVE
+  spans = ', '.join(f"{p} {matched.span(r['overlap'])}" for p, r in each.items() if r['matched'])
+  text = (f"last minus earlier, same participant, mean over {matched.LEVELS} train losses "
+          f"log-spaced across the fit both reach: {_pct_text(mean['diff'], mean['ci95'], 2)}"
+          f" points (mean over {mean['count']} participants: {spans}); at each one's lowest:"
+          f" {_pct_text(low['diff'], low['ci95'], 2)} points")
   return '; '.join([text] + misses), verdict(direction(mean['ci95'], 1))
 
 
 def matched5(runs) -> tuple:
-  """Cross-organization share of extracted windows, centralized and FedAvg, at F3's
-  matched training loss."""
-  if not _has_path(runs):
+  """Cross-organization share of extracted windows, centralized and FedAvg, at the lowest
+  training loss both reach in F3 (where windows are extracted)."""
+  if not matched.has_path(runs):
     return '– (no fit with extractability recorded)', NONE
   name, fed, res, _ = _fedavg_at_fit(runs)
   if not any(matched.has_cross(p.get('extractability')) for r in runs
@@ -362,16 +349,16 @@ def matched5(runs) -> tuple:
     return '– (extractability counted no cross-organization clones)', NONE
   if res is None:
     return '– (F3 found no matched fit)', INCONCLUSIVE
-  rng, loss = np.random.default_rng(SEED), res['loss']
+  rng, loss = np.random.default_rng(SEED), res['lowest']['loss']
   parts, signs = [], []
   for label, group in (('centralized', _by_setting(runs, 'centralized')), (name, fed)):
     at = matched.group_at_loss([matched.trajectory(r, measure='cross_org') for r in group],
                                loss, rng)
-    signs.append(None if at is None else -1 if at['rate'] == 0 else
-                 1 if at['ci95'][0] > 0 else 0)
+    signs.append(at and _cross_sign(at['rate'] > 0, 1, at['ci95']))
     parts.append(f'{label} – (no extracted windows there)' if at is None else
                  f"{label} {_pct_text(at['rate'], at['ci95'])}%")
-  return f'at train loss {loss:.3f}: ' + ', '.join(parts), _cross_verdict(signs)
+  return (f'at train loss {loss:.3f}, the lowest both reach (where windows are extracted): '
+          + ', '.join(parts)), _cross_verdict(signs)
 
 
 # ---- The table --------------------------------------------------------------------------

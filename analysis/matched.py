@@ -1,18 +1,18 @@
 """Memorization against fit: extractable shares compared at equal training loss.
 
-Settings learn at different speeds (FedAvg fits more slowly than pooled training), so a
-difference in memorization at the end of training mixes "how it trains" with "how far
-it got". Here each run is a path through (fit, memorization): its snapshots, its best
-model and its final model, where fit is a participant's own training loss (results.json
-'fit') and memorization the extractable share of its training windows at the primary k
-(results.json 'extractability'). Two settings are then compared at the same fit.
+Settings learn at different speeds (FedAvg fits more slowly than pooled training), so
+memorization at the end of training mixes "how it trains" with "how far it got". Each
+run is a path over its snapshots, best and final models through (own training loss,
+results.json 'fit'; extractable share of training windows at the primary k, its
+'extractability'), and two settings are compared at the same fits.
 
 - `trajectory(run, participant)`: the path's points in training order.
-- `at_loss(trajectory, loss)`: the share interpolated linearly in loss between the two
-  adjacent points that bracket `loss` (None outside the path's range: no extrapolation),
-  with a seeded parametric-bootstrap interval (`CAPTION` states the method).
-- `matched_difference(a, b)`: b - a at the midpoint of the two paths' overlap in loss, or
-  why there is none ("fits never overlap: ...").
+- `at_loss(trajectory, loss)`: the share interpolated linearly between the two adjacent
+  points that bracket `loss` (None outside the path), with a seeded parametric-bootstrap
+  interval (`CAPTION` states the method).
+- `matched_difference(a, b)`: b - a averaged over `grid(overlap)`, training losses spaced
+  evenly in log(loss) across the two paths' overlap, and at its lowest level; or why
+  there is none ("fits never overlap: ...").
 
 Also the bootstrap primitives analysis.findings builds on, so both give the same bytes.
 """
@@ -24,17 +24,22 @@ import numpy as np
 
 RESAMPLES = 2000
 SEED = 1
+LEVELS = 9  # Training losses a matched comparison averages over.
 _NEAR = 1e-9  # Two snapshots at the same fraction of training are the same model.
 
 CAPTION = (
     'Matched fit: each run\'s path of (own training loss, extractable share of training '
     'windows at the primary k) over its snapshots, best and final models; the share at a '
     'loss is interpolated linearly between the two adjacent points in training order that '
-    'bracket it (the first such pair; none outside the path: no extrapolation). Settings '
-    'are compared at the midpoint of the loss range every compared path reaches. '
-    'Interval: parametric bootstrap, drawing Binomial(n, r)/n at both bracketing points '
-    f'({RESAMPLES} draws, seed {SEED}) and interpolating each draw with the same weight; '
-    '2.5/97.5 percentiles. A point with no extracted window draws only zeros.')
+    'bracket it (the first such pair; none outside the path: no extrapolation). Two '
+    f'settings are compared at {LEVELS} training losses spaced evenly in log(loss) from the '
+    'low end to the high end of the range both paths reach (inclusive); the estimate is '
+    'the mean gap over these levels (the average distance between the curves over the '
+    'common fit), shown beside the gap at the lowest level (the closest fit both reach, '
+    'where memorization is highest). Interval: parametric bootstrap, drawing Binomial(n, '
+    f'r)/n once at every point of a path ({RESAMPLES} draws, seed {SEED}), interpolating '
+    'each draw at every level with the same weights as the estimate and averaging it over '
+    'the levels; 2.5/97.5 percentiles. A point with no extracted window draws only zeros.')
 
 
 # ---- Bootstrap primitives ---------------------------------------------------------------
@@ -109,8 +114,7 @@ def has_cross(section: dict | None) -> bool:
 
 def total(pairs) -> tuple:
   """(sum of k, sum of n) of (k, n) count pairs."""
-  pairs = list(pairs)
-  return sum(k for k, _ in pairs), sum(n for _, n in pairs)
+  return tuple(map(sum, zip(*pairs))) or (0, 0)
 
 
 def summed_counts(runs, participants, split: str = 'train') -> tuple:
@@ -129,16 +133,17 @@ def measured(section: dict | None) -> list:
   return list(((section or {}).get('participants') or {}))
 
 
-def fit_loss(fit: dict | None, participant: str | None) -> float | None:
-  """A participant's own training loss; None: the pooled one (token-weighted mean)."""
+def fit_loss(fit: dict | None, participant: str | None, own=None) -> float | None:
+  """A participant's own training loss; None: the pooled one (token-weighted mean), over
+  the participants in `own` (those the run trained on) when given."""
   fit = fit or {}
   if participant is not None:
     return ((fit.get('participants') or {}).get(participant) or {}).get('train_loss')
   pooled = (fit.get('pooled') or {}).get('train_loss')
-  if pooled is not None:
+  if pooled is not None and own is None:
     return pooled
-  parts = [v for v in (fit.get('participants') or {}).values() if v.get('train_loss')
-           is not None and v.get('tokens')]
+  parts = [v for p, v in (fit.get('participants') or {}).items() if v.get('train_loss')
+           is not None and v.get('tokens') and (own is None or p in own)]
   tokens = sum(v['tokens'] for v in parts)
   return sum(v['train_loss'] * v['tokens'] for v in parts) / tokens if tokens else None
 
@@ -186,25 +191,33 @@ def path_points(run: dict) -> list:
   return points
 
 
-def _point_counts(ext: dict, participant: str | None, measure: str) -> tuple:
+def _point_counts(ext: dict, participant: str | None, measure: str, own=None) -> tuple:
   get = cross_counts if measure == 'cross_org' else counts
-  names = measured(ext) if participant is None else [participant]
+  names = ([p for p in measured(ext) if own is None or p in own] if participant is None
+           else [participant])
   return total(get(ext, p) for p in names)
 
 
 def trajectory(run: dict, participant: str | None = None, measure: str = 'train') -> list:
   """[{'loss', 'extracted', 'windows', 'rate', 'model'}] in training order: a participant's
-  own training loss and its extractable share (None: over all participants, pooled
-  loss and summed windows). measure='cross_org': the share of extracted windows that are
-  cross-organization clones. Points without fit, or with nothing to share, are left out."""
+  own training loss and its extractable share (None: over the participants the run
+  trained on, pooled loss and summed windows). measure='cross_org': the share of
+  extracted windows that are cross-organization clones. Points without fit, or with
+  nothing to share, are left out."""
   out = []
+  own = run.get('participants')
   for p in path_points(run):
-    loss = fit_loss(p.get('fit'), participant)
-    c, n = _point_counts(p.get('extractability'), participant, measure)
+    loss = fit_loss(p.get('fit'), participant, own)
+    c, n = _point_counts(p.get('extractability'), participant, measure, own)
     if loss is not None and n:
       out.append({'loss': float(loss), 'extracted': c, 'windows': n, 'rate': c / n,
                   'model': p['model']})
   return out
+
+
+def has_path(runs) -> bool:
+  """Whether any run has a model with both fit and extractability recorded."""
+  return any(trajectory(r) for r in runs)
 
 
 def _label(point: dict) -> str:
@@ -221,23 +234,30 @@ def loss_range(traj: Sequence[dict]) -> tuple | None:
 
 
 def _bracket(traj: Sequence[dict], loss: float) -> tuple | None:
-  """(point a, point b, weight of b) of the first adjacent pair that brackets `loss`.
+  """(index a, index b, weight of b) of the first adjacent pair that brackets `loss`.
   Paths need not fall monotonically (an incremental participant's loss rises again
   while later stages train on others): the first crossing is when the run first
   reaches that fit."""
-  if not traj:
-    return None
-  for a, b in list(zip(traj, traj[1:])) or [(traj[0], traj[0])]:
-    lo, hi = sorted((a['loss'], b['loss']))
-    if lo <= loss <= hi:
-      return a, b, 0.0 if hi == lo else (loss - a['loss']) / (b['loss'] - a['loss'])
+  pairs = [(i, i + 1) for i in range(len(traj) - 1)] or ([(0, 0)] if traj else [])
+  for i, j in pairs:
+    la, lb = traj[i]['loss'], traj[j]['loss']
+    if min(la, lb) <= loss <= max(la, lb):
+      return i, j, 0.0 if la == lb else (loss - la) / (lb - la)
   return None
 
 
-def _draws(a: dict, b: dict, w: float, rng) -> np.ndarray:
-  draw_a = share_draws(a['extracted'], a['windows'], rng)
-  draw_b = share_draws(b['extracted'], b['windows'], rng)
-  return (1 - w) * draw_a + w * draw_b
+def curve(traj: Sequence[dict], levels: Sequence[float], rng) -> dict | None:
+  """{'rate_L', 'draws_RxL'}: the share interpolated at each level and its bootstrap
+  replicates; None where the path misses a level. Every point's share is drawn once,
+  so a point read at several levels carries the same draw to each."""
+  found = [_bracket(traj, loss) for loss in levels]
+  if not found or None in found:
+    return None
+  draws_RxP = np.stack([share_draws(p['extracted'], p['windows'], rng) for p in traj], 1)
+  rate_P = np.array([p['rate'] for p in traj])
+  i_L, j_L, w_L = (np.array(v) for v in zip(*found))
+  return {'rate_L': (1 - w_L) * rate_P[i_L] + w_L * rate_P[j_L],
+          'draws_RxL': (1 - w_L) * draws_RxP[:, i_L] + w_L * draws_RxP[:, j_L]}
 
 
 def at_loss(traj: Sequence[dict], loss: float, rng=None) -> dict | None:
@@ -246,21 +266,28 @@ def at_loss(traj: Sequence[dict], loss: float, rng=None) -> dict | None:
   found = _bracket(traj, loss)
   if found is None:
     return None
-  a, b, w = found
-  draws = _draws(a, b, w, rng if rng is not None else np.random.default_rng(SEED))
-  return {'loss': loss, 'rate': (1 - w) * a['rate'] + w * b['rate'], 'ci95': interval(draws),
-          'between': (a['model'], b['model']), 'weight': w, 'draws': draws}
+  i, j, w = found
+  return {**group_at_loss([traj], loss, rng or np.random.default_rng(SEED)), 'weight': w,
+          'between': (traj[i]['model'], traj[j]['model'])}
+
+
+def group_curve(trajs: Sequence[Sequence[dict]], levels: Sequence[float], rng) -> dict | None:
+  """The mean over paths (seeds, chains) of their curves; None unless every path reaches
+  every level."""
+  each = [curve(t, levels, rng) for t in trajs]
+  if not each or any(e is None for e in each):
+    return None
+  return {k: np.mean([e[k] for e in each], axis=0) for k in ('rate_L', 'draws_RxL')}
 
 
 def group_at_loss(trajs: Sequence[Sequence[dict]], loss: float, rng) -> dict | None:
-  """The mean over paths (seeds, chains) of their interpolated shares; None unless every
-  path reaches `loss`."""
-  each = [at_loss(t, loss, rng) for t in trajs]
-  if not each or any(e is None for e in each):
+  """group_curve at one loss: {'loss', 'rate', 'ci95', 'draws'}."""
+  got = group_curve(trajs, [loss], rng)
+  if got is None:
     return None
-  draws = np.mean([e['draws'] for e in each], axis=0)
-  return {'loss': loss, 'rate': float(np.mean([e['rate'] for e in each])),
-          'ci95': interval(draws), 'draws': draws}
+  draws = got['draws_RxL'][:, 0]
+  return {'loss': loss, 'rate': float(got['rate_L'][0]), 'ci95': interval(draws),
+          'draws': draws}
 
 
 # ---- Comparing two settings at equal fit ------------------------------------------------
@@ -283,56 +310,83 @@ def common_range(trajs: Sequence[Sequence[dict]]) -> tuple | None:
   return _intersect([loss_range(t) for t in trajs])
 
 
-def _span(r) -> str:
+def grid(overlap: tuple, count: int = LEVELS) -> list:
+  """`count` training losses from the overlap's low end to its high end (both exact),
+  evenly spaced in log(loss); one level where the overlap is a single loss."""
+  lo, hi = overlap
+  if hi <= lo:
+    return [lo]
+  inner = np.geomspace(lo, hi, count) if lo > 0 else np.linspace(lo, hi, count)
+  return [lo, *(float(x) for x in inner[1:-1]), hi]
+
+
+def span(r) -> str:
   return f'[{r[0]:.3f}, {r[1]:.3f}]' if r else 'no fit with extractability'
 
 
-def matched_difference(a, b, names: tuple = ('A', 'B'), level: float | None = None,
-                       rng=None) -> dict:
-  """b - a in extractable share at equal training loss, with its 95% interval.
+def _no_overlap(a, b, ra, rb, names) -> str:
+  empty = [n for n, side in zip(names, (a, b)) if not side or not all(side)]
+  if empty or None in (ra, rb):
+    return (f"{' and '.join(empty)}: no model with fit and extractability" if empty else
+            f'the {names[0] if ra is None else names[1]} runs (seeds) share no fit')
+  return f'fits never overlap: {names[0]} reaches {span(ra)}, {names[1]} {span(rb)}'
 
-  a and b are trajectories, or lists of trajectories (seeds: every one must reach the
-  level, and each side is their mean). The level is `level` or the midpoint of the
-  overlap of the two sides' loss ranges: the fit farthest from where either side's path
-  ends, so neither estimate rests on one extreme point. Returns {'matched': True,
-  'loss', 'overlap', 'a', 'b' (each {'rate', 'ci95'}), 'diff', 'ci95', 'draws'} or
-  {'matched': False, 'reason'} ('fits never overlap: A reaches [x1, x2], B [y1, y2]').
-  """
+
+def _gap(ca: dict, cb: dict, at=slice(None)) -> dict:
+  """b - a over the levels `at` (their mean gap), replicate by replicate."""
+  draws = (cb['draws_RxL'][:, at] - ca['draws_RxL'][:, at]).mean(axis=1)
+  rate_a, rate_b = (float(np.mean(c['rate_L'][at])) for c in (ca, cb))
+  return {'matched': True, 'a': rate_a, 'b': rate_b, 'diff': rate_b - rate_a,
+          'ci95': interval(draws), 'draws': draws}
+
+
+def matched_difference(a, b, names: tuple = ('A', 'B'), levels=None, rng=None) -> dict:
+  """b - a in extractable share at equal training loss: the mean gap over `levels`
+  (default: `grid` of the overlap of the two loss ranges), with its 95% interval.
+
+  a and b are trajectories, or lists of trajectories (seeds: each side is their mean).
+  Returns {'matched': True, 'overlap', 'levels', 'gaps' (b - a at each level), 'a', 'b'
+  (mean shares), 'diff', 'ci95', 'draws', 'lowest' (the same at the lowest level alone,
+  with its 'loss')}; or {'matched': False, 'reason'} ('fits never overlap: ...')."""
   a, b = _group(a), _group(b)
   ra, rb = common_range(a), common_range(b)
   both = _intersect([ra, rb])
-  empty = [n for n, side in zip(names, (a, b)) if not side or not all(side)]
-  if empty:
-    reason = f"{' and '.join(empty)}: no model with fit and extractability"
-  elif None in (ra, rb):
-    reason = f'the {names[0] if ra is None else names[1]} runs (seeds) share no fit'
-  elif both is None:
-    reason = f'fits never overlap: {names[0]} reaches {_span(ra)}, {names[1]} {_span(rb)}'
   if both is None:
-    return {'matched': False, 'ranges': (ra, rb), 'reason': reason}
-  loss = (both[0] + both[1]) / 2 if level is None else level
-  rng = rng if rng is not None else np.random.default_rng(SEED)
-  at_a, at_b = group_at_loss(a, loss, rng), group_at_loss(b, loss, rng)
-  if at_a is None or at_b is None:
+    return {'matched': False, 'ranges': (ra, rb), 'reason': _no_overlap(a, b, ra, rb, names)}
+  levels = grid(both) if levels is None else list(levels)
+  rng = rng or np.random.default_rng(SEED)
+  ca, cb = group_curve(a, levels, rng), group_curve(b, levels, rng)
+  if ca is None or cb is None:
     return {'matched': False, 'ranges': (ra, rb),
-            'reason': f'train loss {loss:.3f} lies outside {_span(both)}'}
-  draws = at_b['draws'] - at_a['draws']
-  return {'matched': True, 'loss': loss, 'overlap': both,
-          'a': {k: at_a[k] for k in ('rate', 'ci95')},
-          'b': {k: at_b[k] for k in ('rate', 'ci95')},
-          'diff': at_b['rate'] - at_a['rate'], 'ci95': interval(draws), 'draws': draws}
+            'reason': f'train losses {span((min(levels), max(levels)))} leave {span(both)}'}
+  low = int(np.argmin(levels))
+  return {**_gap(ca, cb), 'overlap': both, 'levels': levels,
+          'gaps': (cb['rate_L'] - ca['rate_L']).tolist(),
+          'lowest': {**_gap(ca, cb, slice(low, low + 1)), 'loss': levels[low]}}
 
 
-def mean_difference(results: Sequence[dict]) -> dict | None:
-  """The mean of several matched differences (e.g. one per participant, each at its own
-  level), replicate by replicate; None if none matched. Their replicates must come from
-  one rng passed through matched_difference, so that they are independent."""
-  done = [r for r in results if r.get('matched')]
+def mean_difference(results: Sequence[dict], key: str | None = None) -> dict | None:
+  """The mean of several matched differences (one per participant, say; key='lowest': of
+  their lowest levels), replicate by replicate; None if none matched. Their replicates
+  must come from one rng passed through matched_difference, so they are independent."""
+  done = [r[key] if key else r for r in results if r.get('matched')]
   if not done:
     return None
   draws = np.mean([r['draws'] for r in done], axis=0)
   return {'diff': float(np.mean([r['diff'] for r in done])), 'ci95': interval(draws),
           'count': len(done)}
+
+
+def last_vs_earlier(chains: Sequence[dict], names: Sequence[str]) -> dict:
+  """participant -> matched_difference(its path in chains that saw it earlier, that saw
+  it last), for those seen both ways; one rng: mean_difference's draws are independent."""
+  rng, each = np.random.default_rng(SEED), {}
+  for p in names:
+    last = [trajectory(r, p) for r in chains if r['order'][-1] == p]
+    earlier = [trajectory(r, p) for r in chains if p in r['order'][:-1]]
+    if last and earlier:
+      each[p] = matched_difference(earlier, last, (f'{p} earlier', f'{p} last'), rng=rng)
+  return each
 
 
 def widest_overlap(reference: tuple, candidates: dict) -> tuple:

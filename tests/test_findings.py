@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from analysis import findings
+from analysis import matched
 from analysis import tables
 
 NAMES = ('a', 'b', 'c')
@@ -190,11 +191,13 @@ def test_extractability_decides_final_and_equal_fit_is_not_less_memorization():
   assert 'extractable -15.00 [' in rows[2][FINAL - 1]  # 5% vs 20% of windows.
   assert 'clone ratio -15.0 [' in rows[2][FINAL - 1]  # The paper's measure beside it.
   assert rows[2][MATCHED] == findings.INCONCLUSIVE  # Same share at the same loss.
-  assert rows[2][MATCHED - 1].startswith('federated-fedavg-r32 minus centralized at train '
-                                         'loss 3.100 (both reach [2.200, 4.000]): 0.00 [')
+  assert rows[2][MATCHED - 1].startswith(
+      'federated-fedavg-r32 minus centralized, mean over 9 train losses log-spaced across '
+      '[2.200, 4.000] (both reach): 0.00 [')
+  assert '; at the lowest, 2.200: 0.00 [' in rows[2][MATCHED - 1]
   assert rows[3][MATCHED] == findings.SUPPORTED  # Recency beyond fit.
-  assert rows[4][MATCHED] == findings.SUPPORTED and 'at train loss 3.100' in rows[4][
-      MATCHED - 1]
+  assert rows[4][MATCHED] == findings.SUPPORTED and rows[4][MATCHED - 1].startswith(
+      'at train loss 2.200, the lowest both reach')
   assert rows[0][MATCHED] == rows[1][MATCHED] == '–'
 
 
@@ -203,6 +206,28 @@ def test_federated_that_extracts_less_at_equal_fit_supports_finding3():
   assert _verdicts(runs, MATCHED)[2] == findings.SUPPORTED
   more = _extracting_study(r32=((4.0, 0.02), (3.0, 0.1), (2.2, 0.3)))
   assert _verdicts(more, MATCHED)[2] == findings.CONTRADICTED
+
+
+def test_a_coarse_snapshot_at_the_midpoint_does_not_decide_finding3():
+  # One curve, share = (1.8 - loss) / 1.75 below loss 1.8, sampled at different losses
+  # (the default study's snapshots); centralized's chord across the kink puts a share at
+  # the overlap's midpoint (1.688) where FedAvg, sampled at the kink, has almost none.
+  def on_curve(*losses):
+    return tuple((x, max(0.0, min(1.0, (1.8 - x) / 1.75))) for x in losses)
+  central = on_curve(3.295, 2.17, 0.52, 0.106, 0.073)
+  r32 = on_curve(3.511, 1.8, 1.506, 0.227, 0.046, 0.036)
+  runs = [_path(r, central, n=20) if r['setting'] == 'centralized' else
+          _path(r, r32, n=20) if r['run'] == 'federated-fedavg-r32' else r
+          for r in _extracting_study(r32=((4.0, 0.01), (3.0, 0.05), (2.2, 0.17)))]
+  paths = [matched.trajectory(r) for r in runs if r['run'] in ('centralized',
+                                                                'federated-fedavg-r32')]
+  midpoint = matched.matched_difference(*paths, levels=[(0.073 + 3.295) / 2])
+  assert midpoint['ci95'][1] < -0.1  # The midpoint alone: FedAvg 16 points below.
+  assert abs(matched.matched_difference(*paths)['diff']) < 0.05
+  row = findings.findings(runs)[2][2]
+  assert row[MATCHED] == findings.INCONCLUSIVE
+  assert 'across [0.073, 3.295] (both reach): -2.67 [' in row[MATCHED - 1]
+  assert '; at the lowest, 0.073: ' in row[MATCHED - 1]
 
 
 def test_fits_that_never_overlap_say_so():
@@ -219,7 +244,8 @@ def test_order_effect_that_fit_explains_is_not_supported_at_matched_fit():
   runs = _extracting_study(recency=False)  # Shares follow the loss alone.
   row = findings.findings(runs)[2][3]
   assert row[FINAL] == findings.SUPPORTED and row[MATCHED] == findings.INCONCLUSIVE
-  assert 'mean over 3 participants' in row[MATCHED - 1]
+  assert 'mean over 3 participants: a [2.000, 3.000], ' in row[MATCHED - 1]
+  assert "; at each one's lowest: " in row[MATCHED - 1]
 
 
 def test_no_cross_organization_extraction_contradicts_finding5_at_every_point():

@@ -1,5 +1,6 @@
 """Memorization against fit: paths, interpolation at a loss, intervals, matched differences."""
 
+import numpy as np
 import pytest
 
 from analysis import matched
@@ -95,17 +96,62 @@ def test_interval_holds_the_estimate_and_narrows_with_more_windows():
   assert nothing['rate'] == 0 and nothing['ci95'] == [0.0, 0.0]
 
 
-def test_matched_difference_at_the_midpoint_of_the_overlap():
+def test_grid_spans_the_overlap_evenly_in_log_loss():
+  levels = matched.grid((0.082, 3.295))
+  assert len(levels) == matched.LEVELS and levels[0] == 0.082 and levels[-1] == 3.295
+  steps = np.diff(np.log(levels))
+  assert steps == pytest.approx(np.full(len(steps), np.log(3.295 / 0.082) / 8))
+  assert matched.grid((2.0, 2.0)) == [2.0]
+
+
+def test_matched_difference_is_the_mean_gap_over_the_grid_and_at_its_lowest_level():
   a = _traj((4.0, 0.0), (3.0, 0.1), (2.0, 0.3))
   b = _traj((5.0, 0.0), (3.0, 0.05), (2.6, 0.09))
   res = matched.matched_difference(a, b)
   assert res['matched'] and res['overlap'] == (2.6, 4.0)
-  assert res['loss'] == pytest.approx(3.3)
-  assert res['a']['rate'] == pytest.approx(0.07) and res['b']['rate'] == pytest.approx(0.0425)
-  assert res['diff'] == pytest.approx(-0.0275)
+  assert res['levels'] == matched.grid((2.6, 4.0))
+  assert res['levels'][0] == 2.6 and res['levels'][-1] == 4.0
+  assert res['gaps'][0] == pytest.approx(0.09 - 0.18) and res['gaps'][-1] == pytest.approx(
+      0.025 - 0.0)
+  assert res['diff'] == pytest.approx(np.mean(res['gaps']))
   assert res['ci95'][0] < res['diff'] < res['ci95'][1] < 0
+  low = res['lowest']
+  assert low['loss'] == 2.6 and low['a'] == pytest.approx(0.18) and low['b'] == 0.09
+  assert low['diff'] == pytest.approx(-0.09) and low['ci95'][1] < 0
   same = matched.matched_difference(a, [dict(p) for p in a])
   assert same['diff'] == 0 and same['ci95'][0] < 0 < same['ci95'][1]
+
+
+def test_a_curve_uniformly_lower_by_20_points_is_20_points_lower():
+  a = _traj((4.0, 0.3), (3.0, 0.5), (2.0, 0.8))
+  b = _traj((4.0, 0.1), (3.5, 0.2), (3.0, 0.3), (2.5, 0.45), (2.0, 0.6))  # Same shape.
+  res = matched.matched_difference(a, b)
+  assert res['diff'] == pytest.approx(-0.2) and res['lowest']['diff'] == pytest.approx(-0.2)
+  assert res['ci95'][1] < 0 and res['ci95'][0] < -0.2 < res['ci95'][1]
+
+
+def test_one_curve_sampled_coarsely_differs_at_the_midpoint_not_over_the_grid():
+  # The default study's snapshots on one curve: share (1.8 - loss) / 1.75 below 1.8.
+  # Centralized's chord across the kink puts a share at the midpoint (1.684) where
+  # FedAvg, sampled at the kink, has almost none: a coarse-snapshot artifact.
+  def on_curve(*losses):
+    return _traj(*((x, max(0.0, min(1.0, (1.8 - x) / 1.75))) for x in losses), windows=61)
+  central = on_curve(3.295, 2.17, 0.52, 0.106, 0.073)
+  fedavg = on_curve(3.511, 1.8, 1.506, 0.227, 0.046, 0.036)
+  midpoint = matched.matched_difference(central, fedavg, levels=[(0.073 + 3.295) / 2])
+  assert midpoint['diff'] < -0.1 and midpoint['ci95'][1] < 0  # It would say: less.
+  res = matched.matched_difference(central, fedavg)
+  assert abs(res['diff']) < 0.05 and res['ci95'][0] < 0 < res['ci95'][1]
+
+
+def test_a_point_read_at_several_levels_carries_one_draw():
+  # Both levels between the same two points: their draws move together, so averaging
+  # them does not narrow the interval as independent draws would.
+  traj = _traj((4.0, 0.1), (2.0, 0.3), windows=100)
+  rng = np.random.default_rng(0)
+  two = matched.curve(traj, [3.0, 3.0], rng)
+  assert (two['draws_RxL'][:, 0] == two['draws_RxL'][:, 1]).all()
+  assert matched.curve(traj, [3.0, 1.0], rng) is None
 
 
 def test_fits_that_never_overlap_are_reported_as_such():
@@ -121,8 +167,10 @@ def test_fits_that_never_overlap_are_reported_as_such():
 def test_seeds_must_all_reach_the_level_and_are_averaged():
   seeds_a = [_traj((4.0, 0.0), (2.0, 0.2)), _traj((3.8, 0.02), (2.2, 0.18))]
   res = matched.matched_difference(seeds_a, _traj((4.0, 0.0), (2.0, 0.2)))
-  assert res['overlap'] == (2.2, 3.8) and res['loss'] == pytest.approx(3.0)
-  assert res['a']['rate'] == pytest.approx(0.1) and res['b']['rate'] == pytest.approx(0.1)
+  assert res['overlap'] == (2.2, 3.8) and res['lowest']['loss'] == 2.2
+  assert res['lowest']['a'] == pytest.approx(0.18) and res['lowest']['b'] == pytest.approx(
+      0.18)
+  assert res['diff'] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_widest_overlap_and_mean_difference():
@@ -138,6 +186,9 @@ def test_widest_overlap_and_mean_difference():
                                   tried['federated-fedavg-far']])
   assert mean['count'] == 2 and mean['diff'] == pytest.approx(
       (res['diff'] + tried['federated-fedavg']['diff']) / 2)
+  low = matched.mean_difference([res, tried['federated-fedavg']], 'lowest')
+  assert low['diff'] == pytest.approx(
+      (res['lowest']['diff'] + tried['federated-fedavg']['lowest']['diff']) / 2)
   assert matched.mean_difference([tried['federated-fedavg-far']]) is None
 
 
