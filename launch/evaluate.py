@@ -2,9 +2,11 @@ r"""Evaluates a trained run into WORKDIR/results.json.
 
   python -m launch.evaluate --config=configs/default.py --workdir=DIR
 
-Perplexity (from training's final evaluation), pass@k on HumanEval in the sandbox, and
-the memorization audit per participant, as config.eval says. Parts already computed
-are kept, so an interrupted evaluation resumes.
+Every evaluator of collab/evals/evaluators.py (fit, pass@k in the sandbox,
+k-extractability, the clone audit, extraction ranking, canaries, membership), as
+config.eval says, on the final model, the best one (config.eval.models) and each
+snapshot (config.eval.snapshot_evals). Parts already computed are kept, so an
+interrupted evaluation resumes.
 """
 
 from absl import app

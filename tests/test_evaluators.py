@@ -79,4 +79,4 @@ def test_snapshot_and_fit_matching_runs_expand_from_the_study_config(tiny_data):
   assert all(specs[n].get('train.snapshot_fractions') for n in specs
              if not n.startswith('incremental'))
   assert 'memorization' in specs['centralized']['eval.snapshot_evals']
-  assert 'eval.snapshot_evals' not in specs['single-psf']
+  assert 'eval.snapshot_evals' not in specs['federated-fedavg']
