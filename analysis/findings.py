@@ -240,7 +240,8 @@ def finding4(runs) -> tuple:
   # A model that has seen one participant says nothing about order.
   chains = [c for c in map(_seen, _chains(runs)) if len(c['order']) > 1]
   if not chains:
-    return '–', INCONCLUSIVE
+    return ('– (every model has seen one participant: e.g. each chain\'s best model ends '
+            'its first stage)' if _chains(runs) else '–'), INCONCLUSIVE
   measures = [('extractable', matched.summed_counts, 'windows')] if _has_ext(chains) else []
   measures.append(('clone ratio', _mem_counts, 'samples'))
   parts, cis = [], []

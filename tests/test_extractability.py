@@ -13,6 +13,7 @@ from collab import io
 from collab import model as model_lib
 from collab.data import blocks as blocks_lib
 from collab.data import clients as clients_lib
+from collab.evals.clones import token_search
 from collab.evals.generation import sampling
 from collab.evals.memorization import extractability as ex
 
@@ -130,7 +131,7 @@ def brute_force_occurs(suffixes_NxM, streams):
 @pytest.mark.parametrize('base', [None, 0, 1])  # 0 and 1: hashes collide all the time.
 def test_cross_org_equals_brute_force_across_block_and_chunk_boundaries(base, monkeypatch):
   if base is not None:
-    monkeypatch.setattr(ex, '_HASH_BASE', np.uint64(base))
+    monkeypatch.setattr(token_search, '_HASH_BASE', np.uint64(base))
   rng = np.random.default_rng(1)
   streams = [rng.integers(0, 3, (7, 10)), rng.integers(0, 3, (4, 10))]  # Vocabulary 3.
   suffixes_NxM = rng.integers(0, 3, (40, 5))

@@ -4,7 +4,7 @@ collab/evaluate.py walks this tuple for every model of a run and analysis/tables
 each entry for its rows: a new evaluator is a module, its config fields and one entry here.
 """
 
-from collab.evals import perplexity
+from collab.evals import fit
 from collab.evals.execution import passk
 from collab.evals.memorization import clone_audit
 from collab.evals.memorization import extractability
@@ -13,7 +13,7 @@ from collab.evals.privacy import exposure
 from collab.evals.privacy import membership
 
 ALL = (
-    perplexity.FIT,  # Training loss per participant: the x axis of memorization vs fit.
+    fit.EVALUATOR,  # Training loss per participant: the x axis of memorization vs fit.
     passk.EVALUATOR,
     extractability.EVALUATOR,  # Greedy k-extractability of every training block.
     clone_audit.EVALUATOR,  # The paper's measure: sampled >= 6-line clones.

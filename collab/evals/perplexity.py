@@ -111,37 +111,3 @@ def evaluate(params, model: nn.Module, blocks_by_participant: Mapping[str, np.nd
                      'empty. Use a larger data.valid_fraction or more data.')
   results[POOLED] = _summary(pooled_sum, pooled_tokens)
   return results
-
-
-# ---- The 'fit' evaluator (collab/evals/interface.py): how well a model fits its data.
-
-def _fit(ctx) -> dict:
-  """Mean token loss on each participant's own training blocks, and pooled: the x axis
-  of memorization against fit (analysis/matched.py)."""
-  from collab.data import blocks as blocks_lib
-  from collab.evals.memorization import extractability  # Its seeded block choice.
-  from collab.model import GPT2
-  cap, train = int(ctx.config.eval.fit.get('max_blocks', 0)), {}
-  for p in ctx.names:
-    blocks = blocks_lib.load_blocks(ctx.data_dir, p, 'train')
-    if len(blocks):  # At most `cap` of them (0: all), the same ones for every model.
-      train[p] = blocks[extractability.choose_blocks(len(blocks), cap, int(ctx.config.seed),
-                                                     p, 'train')]
-  out = evaluate(ctx.params, GPT2(ctx.model_config), train,
-                 int(ctx.config.train.eval_batch_size), progress=False)
-  loss = lambda r: r['loss_sum'] / r['tokens'] if r['tokens'] else None
-  return {'participants': {p: {'train_loss': loss(out[p]), 'tokens': out[p]['tokens']}
-                           for p in train},
-          'pooled': {'train_loss': loss(out[POOLED]), 'tokens': out[POOLED]['tokens']}}
-
-
-def _fit_evaluator():
-  from collab.evals import interface
-  return interface.Evaluator(
-      name='fit', needs=frozenset({'model', 'data'}),
-      enabled=lambda config: bool(config.eval.get('fit', {}).get('enabled', True)),
-      settings=lambda config: [int(config.train.eval_batch_size),
-                               config.eval.fit.get('max_blocks', 0)], compute=_fit)
-
-
-FIT = _fit_evaluator()

@@ -30,8 +30,6 @@ from typing import Callable, Collection, Iterable, Mapping, Sequence
 import numpy as np
 
 from collab import io
-from collab.data import tokenizer as tokenizer_lib
-from collab.evals.memorization import audit
 
 NS = (10, 25)  # Carlini et al. inspect the top 100 of 200k samples; audits here are small.
 RANKINGS = ('perplexity', 'zlib', 'reference')
@@ -46,13 +44,14 @@ class Reference:
 
 # --- Inputs from the audit's files.
 
-def unprompted_inputs(samples: Sequence['audit.Sample'], rows: Iterable[Mapping]) -> tuple:
+def unprompted_inputs(samples: Sequence, rows: Iterable[Mapping]) -> tuple:
   """(ids, texts, memorized_by) of the unprompted samples; `rows` are memorized.jsonl's.
 
   memorized_by[i] is the set of participants whose training data holds a clone in sample
   i: every participant a span's windows were found in (the row's 'participants', as the
   audit counts them), not only its best match.
   """
+  from collab.evals.memorization import audit  # Sampling and clone indexes: heavy.
   kept = [s for s in samples if s.protocol == audit.UNPROMPTED]
   held = {}
   for row in rows:
@@ -75,6 +74,7 @@ def score_texts(score: Callable, tokenizer, texts: Sequence[str], eot_id: int, *
   token is scored. Sequences are cut to max_len tokens (the model's context); a text
   with no token has nothing to score and gets NaN (it ranks last).
   """
+  from collab.data import tokenizer as tokenizer_lib  # transformers: only to score.
   encode = tokenizer_lib.make_encoder(tokenizer)
   cut = None if max_len is None else max_len - 1
   ids_S = [[int(t) for t in ids[:cut]] for ids in encode(list(texts))]
@@ -232,7 +232,9 @@ def _blind(out: dict) -> dict:
 
 def _compute(ctx) -> dict | None:
   from collab import hf
+  from collab.data import tokenizer as tokenizer_lib
   from collab.evals.generation import scoring
+  from collab.evals.memorization import audit
   mem_dir = os.path.join(ctx.eval_dir, 'memorization')
   samples_path = os.path.join(ctx.eval_dir, audit.SAMPLES_JSONL)
   rows_path = os.path.join(mem_dir, 'memorized.jsonl')

@@ -27,7 +27,6 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from collab.data import canaries as canaries_lib
-from collab.data import tfds_builder
 from collab.evals import interface
 
 SCORES = ('loss', 'min_k')
@@ -98,6 +97,7 @@ def participant_scores(score: Callable, encode: Callable, eot_id: int, data_dir:
   """{'member'|'nonmember': {'loss': [...], 'min_k': [...]}} of one participant's files."""
   out = {}
   for side, split in (('member', 'train'), ('nonmember', 'valid')):
+    from collab.data import tfds_builder  # tensorflow-datasets: only to score.
     records = sample_files(tfds_builder.load_split(data_dir, participant, split), max_files,
                            seed, f'{participant}\0{split}')
     logprobs = score(file_sequences([r['content'] for r in records], encode, eot_id, seq_len))
