@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from collab.evals.memorization import extractability
+
 RESAMPLES = 2000
 SEED = 1
 LEVELS = 9  # Training losses a matched comparison averages over.
@@ -82,11 +84,7 @@ def difference_interval(a: tuple, b: tuple) -> tuple:
 
 # ---- Reading extractability and fit -----------------------------------------------------
 
-def primary_k(section: dict | None) -> str | None:
-  """The smallest k the audit measured (results.json keys k as strings)."""
-  skipped = {str(k) for k in (section or {}).get('skipped_ks') or ()}
-  ks = [int(k) for k in (section or {}).get('ks') or () if str(k) not in skipped]
-  return str(min(ks)) if ks else None
+primary_k = extractability.primary_k  # The smallest k the audit measured.
 
 
 def counts(section: dict | None, participant: str, split: str = 'train') -> tuple:

@@ -109,8 +109,7 @@ def effectiveness(runs: Sequence[dict]) -> tuple:
           'and of the best one (lowest pooled validation loss)', header, rows)
 
 
-def _mem(run: dict, participant: str, key: str):
-  return ((run.get('memorization') or {}).get('participants', {}).get(participant) or {}).get(key)
+_mem = clone_audit.participant_field  # plots read it too.
 
 
 def incremental(runs: Sequence[dict]) -> tuple:

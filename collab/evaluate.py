@@ -316,9 +316,13 @@ def snapshot_folders(config, workdir: str, summary: dict) -> list:
       points.append((os.path.join(root, name), {}))  # Else exported under other fractions.
   stages = summary.get('stages') or []
   for k, stage in enumerate(stages[:-1]):
+    blocks = len(blocks_lib.load_blocks(run.data_dir_of(config, workdir),
+                                        stage['participant'], 'train'))
     points.append((os.path.normpath(os.path.join(workdir, stage['workdir'])), {
         'stage': k + 1, 'participant': stage['participant'],
-        'fraction': (k + 1) / len(stages)}))
+        'fraction': (k + 1) / len(stages),
+        # Passes over its participant's blocks in this stage (as centralized.epochs).
+        'epochs': stage['steps'] * config.train.batch_size / max(blocks, 1)}))
   return points
 
 

@@ -148,7 +148,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
   c.keep_checkpoints = 2  # Checkpoints kept per run.
   # Fractions of the run (steps; rounds when federated) at which the model is also
-  # exported to WORKDIR/snapshots/ and audited for memorization (dose-response); (): none.
+  # exported to WORKDIR/snapshots/ and evaluated (config.eval.snapshot_evals: memorization
+  # against fit); (): none.
   c.snapshot_fractions = ()
   c.init_from = ''  # Another run's workdir or a Hugging Face GPT-2 folder.
   # Matched budgets (study option): > 0 gives every setting this many training tokens
@@ -311,8 +312,8 @@ def eval_config() -> ml_collections.ConfigDict:
   # Reference models: 'auto' (the study's single runs of the other participants) or a
   # comma-separated list of Hugging Face GPT-2 folders (e.g. a pretrained model).
   c.ranking.references = 'auto'
-  # The models every evaluator runs on: 'final' (the end of training) and 'best' (the
-  # evaluation point with the lowest pooled validation loss, exported to WORKDIR/best).
+  # The models every evaluator runs on besides 'final' (the end of training, always
+  # evaluated): 'best' (the validation point with the lowest pooled loss, WORKDIR/best).
   c.models = ('final', 'best')
   # Evaluators also run on every snapshot (WORKDIR/snapshots/*, incremental stages): the
   # trajectories of memorization against fit.
@@ -336,7 +337,7 @@ def study_config() -> ml_collections.ConfigDict:
   # weighting, the rest of config.federated), named federated-dp-z{z}; 0.0 clips only.
   c.dp_noise_multipliers = ()
   # Runs (by name) that export intermediate models at `snapshot_fractions` of their
-  # training, each audited for memorization like the final model (dose-response figure).
+  # training, each evaluated by config.eval.snapshot_evals (memorization against fit).
   # ('all',): every run but the incremental chains, whose stages are their trajectory.
   c.snapshot_runs = ()
   c.snapshot_fractions = (0.25, 0.5, 0.75)

@@ -50,7 +50,8 @@ def compute(ctx: interface.Context) -> dict:
 
 # ---- Tables -----------------------------------------------------------------------------
 
-def _mem(view: dict, participant: str, key: str):
+def participant_field(view: dict, participant: str, key: str):
+  """results['memorization']['participants'][participant][key] of a run view, or None."""
   return ((view.get(NAME) or {}).get('participants', {}).get(participant) or {}).get(key)
 
 
@@ -65,7 +66,7 @@ def participants_of(views: Sequence[dict]) -> list:
 
 def ratio_of(view: dict):
   """The memorization ratio averaged over the participants the run trained on."""
-  values = [_mem(view, p, 'ratio') for p in interface.trained_on(view)]
+  values = [participant_field(view, p, 'ratio') for p in interface.trained_on(view)]
   values = [v for v in values if v is not None]
   return sum(values) / len(values) if values else None
 
@@ -77,14 +78,14 @@ def memorization_table(views: Sequence[dict]) -> interface.Table:
   rows = []
   for (name, model), group in group_views(views).items():
     for p in participants_of(group):
-      if _mem(group[0], p, 'samples') is None:
+      if participant_field(group[0], p, 'samples') is None:
         continue
-      ratio = (fmt_ci(_mem(group[0], p, 'ratio'), _mem(group[0], p, 'ratio_ci95'))
-               if len(group) == 1 else fmt([_mem(g, p, 'ratio') for g in group], 1, True))
-      rows.append([name, model, p, fmt([_mem(g, p, 'samples') for g in group], 0), ratio] + [
-          fmt([_mem(g, p, k) for g in group], 0)
+      ratio = (fmt_ci(participant_field(group[0], p, 'ratio'), participant_field(group[0], p, 'ratio_ci95'))
+               if len(group) == 1 else fmt([participant_field(g, p, 'ratio') for g in group], 1, True))
+      rows.append([name, model, p, fmt([participant_field(g, p, 'samples') for g in group], 0), ratio] + [
+          fmt([participant_field(g, p, k) for g in group], 0)
           for k in ('memorized_lines', 'fingerprints', 'exclusive_spans', 'shared_spans')] + [
-          fmt([_mem(g, p, 'null_ratio') for g in group], 1, percent=True)])
+          fmt([participant_field(g, p, 'null_ratio') for g in group], 1, percent=True)])
   return interface.Table('memorization', 'Memorization per participant (clones of >= 6 '
                          'lines in generated code)', header, rows)
 

@@ -322,9 +322,11 @@ def _compute(ctx) -> dict:
   return section
 
 
-def primary_k(section: dict) -> str | None:
-  """The smallest k that fitted the blocks (the one findings and figures use)."""
-  ks = [k for k in section.get('ks', ()) if k not in section.get('skipped_ks', ())]
+def primary_k(section: dict | None) -> str | None:
+  """The smallest k the audit measured (the one findings and figures use); keys are
+  strings in results.json."""
+  skipped = {str(k) for k in (section or {}).get('skipped_ks') or ()}
+  ks = [int(k) for k in (section or {}).get('ks') or () if str(k) not in skipped]
   return str(min(ks)) if ks else None
 
 
