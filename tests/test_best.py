@@ -39,7 +39,7 @@ def central(tiny_data, tmp_path_factory):
                                                               str(workdir))
 
 
-def _valid_losses(workdir, key='step') -> list:
+def valid_losses(workdir, key='step') -> list:
   """(step or round, pooled validation loss) of every validation in metrics.jsonl."""
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   return [(r[key], math.log(r['valid/pooled/perplexity'])) for r in rows
@@ -58,9 +58,9 @@ def _leaves(tree) -> list:
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def _assert_first_minimum(workdir, key='step') -> dict:
+def assert_first_minimum(workdir, key='step') -> dict:
   """best/point.json is the first validation with the lowest pooled loss."""
-  losses = _valid_losses(workdir, key)
+  losses = valid_losses(workdir, key)
   lowest = min(loss for _, loss in losses)
   first = next(at for at, loss in losses if loss == lowest)
   point = _point(workdir)
@@ -74,10 +74,10 @@ def _assert_first_minimum(workdir, key='step') -> dict:
 
 def test_best_is_the_first_minimum_and_the_model_at_its_step(central):
   config, workdir, summary = central
-  point = _assert_first_minimum(workdir)
+  point = assert_first_minimum(workdir)
   at = point['step']
   assert at < STEPS, 'the validation loss no longer bounces: raise BOUNCY_LR'
-  assert [s for s, _ in _valid_losses(workdir)] == [2, 4, 6, 8]
+  assert [s for s, _ in valid_losses(workdir)] == [2, 4, 6, 8]
   assert point['steps'] == STEPS and point['fraction'] == at / STEPS
   data = run.load_data(config, str(workdir), run.participant_names(config))
   assert point['epochs'] == centralized.epochs(
@@ -176,19 +176,8 @@ def test_keep_best_after_a_kill_at_any_moment_of_an_export(tmp_path, monkeypatch
   assert not {'.best.new', '.best.old'} & set(os.listdir(tmp_path / 'killed'))
 
 
-def test_federated_run_keeps_its_best_round(tiny_data, tmp_path):
-  config = tiny_run_config(tiny_data, learning_rate=BOUNCY_LR)
-  config.setting = 'federated'
-  config.model.num_layers = 1
-  config.federated.rounds, config.federated.local_steps, config.federated.eval_every = 4, 2, 1
-  summary = train_lib.train(config, str(tmp_path))
-  point = _assert_first_minimum(tmp_path, key='round')
-  assert point['rounds'] == 4 and 'step' not in point
-  assert summary['best']['round'] == point['round']
-  best, _ = hf.import_hf(os.path.join(tmp_path, best_lib.BEST_DIR))
-  final, _ = hf.import_hf(os.path.join(tmp_path, run.FINAL_DIR))
-  same = all(np.array_equal(x, y) for x, y in zip(_leaves(best), _leaves(final)))
-  assert same == (point['round'] == 4)
+# The federated run's best round: tests/test_snapshots.py asserts it on the federated run
+# it trains already (test_federated_runs_snapshot_at_rounds_and_keep_their_best_round).
 
 
 def test_incremental_chain_best_is_its_stages_minimum(tiny_data, tmp_path):

@@ -74,12 +74,19 @@ def chains(tiny_data, tmp_path_factory):
   return workdir, one, both, spy.stages
 
 
-def test_chain_of_one_equals_single(chains, tiny_data, tmp_path):
-  workdir, one, _, _ = chains
-  config = tiny_run_config(tiny_data)
+@pytest.fixture(scope='module')
+def single_alpha(tiny_data, tmp_path_factory):
+  """(workdir, summary) of a finished single run on alpha, the chains' first stage alone."""
+  workdir = tmp_path_factory.mktemp('singles') / 'single-alpha'
+  config = _config(tiny_data, 'alpha')
   config.setting, config.single = 'single', 'alpha'
-  single = train_lib.train(config, str(tmp_path))
-  assert _same(_params(workdir / 'stages' / 'alpha'), _params(tmp_path))
+  return workdir, train_lib.train(config, str(workdir))
+
+
+def test_chain_of_one_equals_single(chains, single_alpha):
+  workdir, one, _, _ = chains
+  single_dir, single = single_alpha
+  assert _same(_params(workdir / 'stages' / 'alpha'), _params(single_dir))
   assert one['valid'] == single['valid'] and one['order'] == ['alpha']
   assert one['tokens_seen_per_participant'] == single['tokens_seen_per_participant']
 
@@ -203,28 +210,28 @@ def test_a_stage_trained_under_another_config_is_not_reused(tmp_path):
     run.claim_workdir(str(tmp_path), config)
 
 
-def test_a_finished_single_run_is_the_first_stage_bit_for_bit(tiny_data, tmp_path, monkeypatch):
+def test_a_finished_single_run_is_the_first_stage_bit_for_bit(chains, single_alpha, tiny_data,
+                                                              tmp_path, monkeypatch):
   """With incremental.first_stages, a chain starts from the single run of its first
-  participant instead of training that stage again, and ends with the same bits."""
-  single = _config(tiny_data, 'alpha')
-  single.setting, single.single = 'single', 'alpha'
-  train_lib.train(single, str(tmp_path / 'single-alpha'))
-  plain = tmp_path / 'plain'
-  train_lib.train(_config(tiny_data, 'alpha,beta'), str(plain))
+  participant instead of training that stage again, and ends with the same bits as the
+  chain that trained stage 1 itself (the chains fixture's alpha -> beta)."""
+  single_dir, _ = single_alpha
+  singles = single_dir.parent
+  plain = chains[0]  # Trained alpha, then alpha-beta from it, without first_stages.
   shared = _config(tiny_data, 'alpha,beta')
-  shared.incremental.first_stages = str(tmp_path / 'single-{participant}')
+  shared.incremental.first_stages = str(singles / 'single-{participant}')
   spy = Spy(monkeypatch)
   summary = train_lib.train(shared, str(tmp_path / 'shared'))
   assert [s['workdir'] for s in spy.stages] == ['stages/alpha-beta']  # Stage 1 not retrained.
-  assert spy.stages[0]['init_from'] == str(tmp_path / 'single-alpha')
-  assert summary['stages'][0]['workdir'] == os.path.join('..', 'single-alpha')
+  assert spy.stages[0]['init_from'] == str(single_dir)
+  assert summary['stages'][0]['workdir'] == os.path.relpath(single_dir, tmp_path / 'shared')
   assert _same(_params(tmp_path / 'shared' / 'stages' / 'alpha-beta'),
                _params(plain / 'stages' / 'alpha-beta'))
   # Only that participant's finished single run is ever reused.
   other = _config(tiny_data, 'beta,alpha')
-  other.incremental.first_stages = str(tmp_path / 'single-{participant}')
+  other.incremental.first_stages = str(singles / 'single-{participant}')
   assert incremental.stage_dir(other, str(tmp_path), ('beta',)).endswith('stages/beta')
-  other.incremental.first_stages = str(tmp_path / 'single-alpha')  # No {participant}.
+  other.incremental.first_stages = str(single_dir)  # No {participant}.
   assert incremental.stage_dir(other, str(tmp_path), ('alpha',)).endswith('stages/alpha')
   other.incremental.first_stages = str(plain / 'stages' / '{participant}')  # Not a single.
   assert incremental.stage_dir(other, str(tmp_path), ('alpha',)).endswith('stages/alpha')

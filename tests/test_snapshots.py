@@ -11,7 +11,9 @@ from collab import checkpoint
 from collab import evaluate
 from collab import hf
 from collab import train as train_lib
+from collab.settings import best as best_lib
 from collab.settings import run
+from tests import test_best
 from tests.conftest import tiny_run_config
 
 
@@ -82,11 +84,25 @@ def test_snapshots_are_audited_by_the_final_models_code_path(trained, monkeypatc
   assert os.path.isfile(os.path.join(workdir, 'memorization', 'result.json'))
 
 
-def test_federated_runs_snapshot_at_rounds(tiny_data, tmp_path):
+def test_federated_runs_snapshot_at_rounds_and_keep_their_best_round(tiny_data, tmp_path):
+  """Snapshots at rounds; best/ is the first round of lowest pooled validation loss (the
+  federated half of test_best, on this run rather than a second federated training)."""
   config = _config(tiny_data, 'federated')
-  train_lib.train(config, str(tmp_path))
+  # Validation after every round. test_best's bouncy learning rate makes the pooled loss
+  # rise from round 1 to round 2 (the cosine decay still ends lowest at round 4 here).
+  config.federated.eval_every, config.train.learning_rate = 1, test_best.BOUNCY_LR
+  summary = train_lib.train(config, str(tmp_path))
   info = json.load(open(tmp_path / run.SNAPSHOTS_DIR / '000002' / run.TRAIN_JSON))
   assert info['round'] == 2 and info['rounds'] == 4
+  assert [r for r, _ in test_best.valid_losses(tmp_path, 'round')] == [1, 2, 3, 4]
+  point = test_best.assert_first_minimum(tmp_path, key='round')
+  assert point['rounds'] == 4 and 'step' not in point
+  assert summary['best']['round'] == point['round']
+  best, _ = hf.import_hf(os.path.join(tmp_path, best_lib.BEST_DIR))
+  final, _ = hf.import_hf(os.path.join(tmp_path, run.FINAL_DIR))
+  same = all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(best),
+                                                  jax.tree_util.tree_leaves(final)))
+  assert same == (point['round'] == 4)
 
 
 def test_snapshot_fractions_must_lie_inside_the_run():

@@ -203,6 +203,12 @@ def _padded_and_real_models():
   return padded, unpadded, params, {**params, 'wte': params['wte'][:120]}
 
 
+@pytest.fixture(scope='module')
+def padded_and_real():
+  """_padded_and_real_models(), built (and its init checked) once for the tests below."""
+  return _padded_and_real_models()
+
+
 def _assert_equal_to_rounding(padded_tree, real_tree, atol_scale):
   """Leaf by leaf, wte cut to its real rows: |a - b| <= 1e-5 |b| + atol_scale max |b|."""
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(padded_tree),
@@ -212,9 +218,9 @@ def _assert_equal_to_rounding(padded_tree, real_tree, atol_scale):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_padded_vocabulary_computes_what_the_real_one_does():
+def test_padded_vocabulary_computes_what_the_real_one_does(padded_and_real):
   """Same logits (vocab_size wide), loss and gradients; padding rows get exactly none."""
-  padded, unpadded, params, real = _padded_and_real_models()
+  padded, unpadded, params, real = padded_and_real
   batch = {'tokens': _batch(1)['tokens'] % 120,
            'weights': np.array([1., 2., 0., 1.], np.float32)}
   out = {}
@@ -241,10 +247,10 @@ def test_padded_vocabulary_computes_what_the_real_one_does():
   _assert_equal_to_rounding(grads, real_grads, atol_scale=1e-5)
 
 
-def test_padded_vocabulary_trains_like_the_real_one():
+def test_padded_vocabulary_trains_like_the_real_one(padded_and_real):
   """One SGD step lands where the unpadded one does; AdamW with weight decay keeps the
   padding rows at exactly 0 and follows the unpadded losses."""
-  padded, unpadded, params, real = _padded_and_real_models()
+  padded, unpadded, params, real = padded_and_real
   sgd = steps.make_optimizer(_train_cfg(optimizer='sgd', warmup_steps=0, learning_rate=0.5), 10)
   adamw = steps.make_optimizer(_train_cfg(warmup_steps=0, learning_rate=0.05), 10)
   assert _train_cfg().weight_decay > 0 and steps.decay_mask(params)['wte']
@@ -275,47 +281,73 @@ def test_padded_vocabulary_trains_like_the_real_one():
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize('vocab_multiple', [1, 64])
-def test_chunked_loss_equals_whole_logits_loss_and_trains_alike(vocab_multiple):
-  """Chunks that do not divide L (padded), padded vocabulary or not: same loss,
-  same gradients, same trajectory."""
+_CHUNK_BATCH = {'tokens': _batch(0)['tokens'] % 120,
+                'weights': np.array([1., 0., 2., 1.], np.float32)}
+
+
+def _chunk_grads(model, params):
+  """(loss, count) and gradients on _CHUNK_BATCH with dropout on (key 3)."""
+  fn = functools.partial(steps.loss_sums, model=model, deterministic=False,
+                         dropout_rng=jax.random.key(3))
+  (loss, count), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params, _CHUNK_BATCH)
+  return (float(loss), float(count)), grads
+
+
+def _chunk_sgd(model, params):
+  """(parameters, last loss) after 3 SGD steps (lr 0.5, dropout on) from `params`."""
+  sgd = steps.make_optimizer(_train_cfg(optimizer='sgd', warmup_steps=0, learning_rate=0.5), 10)
+  step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=sgd))
+  st = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': sgd.init(params)}
+  for i in range(3):
+    st, metrics = step(st, {'tokens': _batch(i)['tokens'] % 120}, jax.random.key(1))
+  return st['params'], float(metrics['loss_sum'])
+
+
+@pytest.fixture(scope='module')
+def whole_logits_reference(padded_and_real):
+  """The unpadded whole-logits GPT-2 with dropout 0.1 from padded_and_real's real
+  parameters: its config, loss and gradients, and where 3 SGD steps take it. One
+  reference for both chunked variants below (the padded whole model equals it to rounding:
+  the padded-vocabulary tests above)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from collab import model as model_lib  # pylint: disable=g-import-not-at-top
   _, model, _ = tiny_setup(dropout=0.1)
-  optimizer = steps.make_optimizer(_train_cfg(warmup_steps=0, learning_rate=0.05), 10)
-  base = dataclasses.replace(model.config, vocab_size=120, vocab_multiple=vocab_multiple)
-  whole, chunked = model_lib.GPT2(base), model_lib.GPT2(dataclasses.replace(base, loss_chunk=5))
-  state = jax.jit(functools.partial(steps.init_state, model=whole, optimizer=optimizer,
-                                    seq_len=SEQ_LEN))(jax.random.key(0))
-  batch = {'tokens': _batch(0)['tokens'] % 120, 'weights': np.array([1., 0., 2., 1.], np.float32)}
-  grads = {}
-  for name, m in (('whole', whole), ('chunked', chunked)):
-    fn = functools.partial(steps.loss_sums, model=m, deterministic=False,
-                           dropout_rng=jax.random.key(3))
-    (loss, count), grads[name] = jax.jit(jax.value_and_grad(fn, has_aux=True))(
-        state['params'], batch)
-    grads[name + '_loss'] = (float(loss), float(count))
+  config = dataclasses.replace(model.config, vocab_size=120)
+  whole = model_lib.GPT2(config)
+  real = padded_and_real[3]
+  return config, _chunk_grads(whole, real), _chunk_sgd(whole, real)
+
+
+@pytest.mark.parametrize('vocab_multiple', [1, 64])
+def test_chunked_loss_equals_whole_logits_loss_and_trains_alike(vocab_multiple, padded_and_real,
+                                                               whole_logits_reference):
+  """Chunks that do not divide L (padded), padded vocabulary or not: same loss,
+  same gradients, same trajectory as the unpadded whole-logits model."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from collab import model as model_lib  # pylint: disable=g-import-not-at-top
+  config, (whole_loss, whole_grads), (whole_params, whole_last) = whole_logits_reference
+  # The same numbers either way: the padded parameters are the real ones plus zero rows.
+  params = padded_and_real[2] if vocab_multiple == 64 else padded_and_real[3]
+  base = dataclasses.replace(config, vocab_multiple=vocab_multiple)
+  chunked = model_lib.GPT2(dataclasses.replace(base, loss_chunk=5))
+  assert chunked.config.padded_vocab == params['wte'].shape[0]
   assert SEQ_LEN % 5 != 0  # The last chunk is padded.
+  chunked_loss, chunked_grads = _chunk_grads(chunked, params)
   # Chunks reorder the sums of the loss (~2e-7 relative measured) and of the gradients
   # (~4e-7 of a leaf's largest entry): bounds with room for other CPUs' kernels, scaled
   # to each leaf since these summed gradients reach ~15 (a fixed atol of 1e-6 was a
-  # third used).
-  np.testing.assert_allclose(grads['chunked_loss'], grads['whole_loss'], rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(grads['chunked']),
-                  jax.tree_util.tree_leaves(grads['whole'])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+  # third used). A padded wte is compared on its real rows.
+  np.testing.assert_allclose(chunked_loss, whole_loss, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(chunked_grads),
+                  jax.tree_util.tree_leaves(whole_grads)):
+    np.testing.assert_allclose(np.asarray(a)[:b.shape[0]], b, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(b).max()))
   # SGD: AdamW's m / sqrt(v) would blow float32 reordering up where a gradient is ~0.
-  sgd = steps.make_optimizer(_train_cfg(optimizer='sgd', warmup_steps=0, learning_rate=0.5), 10)
-  state, finals = {**state, 'opt_state': sgd.init(state['params'])}, {}
-  for name, m in (('whole', whole), ('chunked', chunked)):
-    step, st = jax.jit(functools.partial(steps.train_step, model=m, optimizer=sgd)), state
-    for i in range(3):
-      st, metrics = step(st, {'tokens': _batch(i)['tokens'] % 120}, jax.random.key(1))
-    finals[name] = st['params'], float(metrics['loss_sum'])
-  assert finals['chunked'][1] == pytest.approx(finals['whole'][1], rel=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(finals['chunked'][0]),
-                  jax.tree_util.tree_leaves(finals['whole'][0])):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  chunked_params, chunked_last = _chunk_sgd(chunked, params)
+  assert chunked_last == pytest.approx(whole_last, rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(chunked_params),
+                  jax.tree_util.tree_leaves(whole_params)):
+    np.testing.assert_allclose(np.asarray(a)[:b.shape[0]], b, atol=1e-5)
   with pytest.raises(ValueError, match='loss_chunk'):
     dataclasses.replace(base, loss_chunk=-1)
 
