@@ -31,36 +31,44 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def test_centralized_learns_and_writes_outputs(tiny_data, tmp_path):
-  config = tiny_run_config(tiny_data, steps=30, learning_rate=1e-2)
-  summary = train_lib.train(config, str(tmp_path))
+# Every in-process run here is tiny_run_config's as it stands (12 steps), so that the
+# single and pmap runs reuse what the first run compiled (pmap: all but its own steps).
+@pytest.fixture(scope='module')
+def central(tiny_data, tmp_path_factory):
+  """(workdir, summary) of the tiny centralized run (pjit, the default mode)."""
+  workdir = tmp_path_factory.mktemp('central')
+  config = tiny_run_config(tiny_data)
+  assert config.parallel.mode == 'pjit'
+  return workdir, train_lib.train(config, str(workdir))
+
+
+def test_centralized_learns_and_writes_outputs(central):
+  workdir, summary = central
   for name in ('config.json', 'metrics.jsonl', 'train.json'):
-    assert os.path.isfile(tmp_path / name), name
+    assert os.path.isfile(workdir / name), name
   assert set(summary['valid']) == {'alpha', 'beta', 'gamma', 'pooled'}
-  rows = [l for l in open(tmp_path / 'metrics.jsonl') if 'train/loss' in l]
+  rows = [l for l in open(workdir / 'metrics.jsonl') if 'train/loss' in l]
   first, last = (float(r.split('"train/loss": ')[1].split(',')[0]) for r in (rows[0], rows[-1]))
   assert last < first
   # Tokens seen add up over participants and equal steps * batch * predictions per block.
   assert sum(summary['tokens_seen_per_participant'].values()) == summary['tokens_seen']
-  assert summary['tokens_seen'] == 30 * 8 * 31
+  assert summary['tokens_seen'] == 12 * 8 * 31
   assert summary['valid']['pooled']['perplexity'] < 300  # Better than uniform over 300.
 
 
 def test_single_trains_on_one_participant_only(tiny_data, tmp_path):
-  config = tiny_run_config(tiny_data, steps=4)
+  config = tiny_run_config(tiny_data)
   config.setting, config.single = 'single', 'beta'
   summary = train_lib.train(config, str(tmp_path))
   assert summary['participants'] == ['beta']
   assert list(summary['tokens_seen_per_participant']) == ['beta']
 
 
-def test_pmap_and_pjit_give_the_same_run(tiny_data, tmp_path):
-  results = {}
-  for mode in ('pjit', 'pmap'):
-    config = tiny_run_config(tiny_data, steps=5)
-    config.parallel.mode = mode
-    results[mode] = train_lib.train(config, str(tmp_path / mode))
-  a, b = (results[m]['valid']['pooled']['loss_sum'] for m in ('pjit', 'pmap'))
+def test_pmap_and_pjit_give_the_same_run(central, tiny_data, tmp_path):
+  config = tiny_run_config(tiny_data)
+  config.parallel.mode = 'pmap'
+  pmap = train_lib.train(config, str(tmp_path))
+  a, b = central[1]['valid']['pooled']['loss_sum'], pmap['valid']['pooled']['loss_sum']
   assert abs(a - b) / abs(a) <= 1e-5
 
 

@@ -274,6 +274,7 @@ def test_a_federation_of_repositories_trains_end_to_end(built, tmp_path):
   c = conftest.tiny_run_config(built)
   c.data.participants = [common.participant(n, ('dir:built',)) for n in ('acme', 'beta')]
   c.setting = 'federated'
+  c.model.num_layers = 1  # Compiling dominates; one block trains and samples alike.
   c.federated.clients = 'repositories'
   c.federated.rounds, c.federated.clients_per_round, c.federated.client_block = 2, 3, 2
   c.federated.local_steps = 1

@@ -25,14 +25,16 @@ NO_TORCH = ('torch is not installed; `pip install torch==2.13.0` installs a CPU 
 
 @functools.lru_cache
 def _params():
-  tokens_1x4 = jnp.zeros((1, 4), jnp.int32)
-  variables = jax.jit(M.GPT2(CFG).init)(jax.random.key(0), tokens_1x4)
-  # Random biases and LayerNorm parameters, so a transposed or dropped one shows up.
-  params = nn.meta.unbox(variables['params'])
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  @jax.jit  # One program: leaf by leaf, eager dispatch compiles one per shape.
+  def init(key, noise_key):
+    tokens_1x4 = jnp.zeros((1, 4), jnp.int32)
+    # Random biases and LayerNorm parameters, so a transposed or dropped one shows up.
+    params = nn.meta.unbox(M.GPT2(CFG).init(key, tokens_1x4)['params'])
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(noise_key, len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return init(jax.random.key(0), jax.random.key(1))
 
 
 def _tokens(shape, vocab=CFG.vocab_size):

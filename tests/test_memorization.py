@@ -71,7 +71,7 @@ def _run_config(data_dir):
   c.data.tokenizer.vocab_size = 400
   c.data.data_dir = data_dir
   c.setting, c.single = 'single', 'alpha'
-  c.train.batch_size, c.train.steps, c.train.warmup_steps = 4, 200, 10
+  c.train.batch_size, c.train.steps, c.train.warmup_steps = 4, 120, 10
   c.train.learning_rate, c.train.log_every, c.train.checkpoint_every = 1e-2, 50, 10_000
   c.eval.passk.enabled = False
   m = c.eval.memorization

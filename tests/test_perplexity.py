@@ -18,7 +18,8 @@ L = 16
 @pytest.fixture(scope='module')
 def model_and_params():
   model = model_lib.GPT2(CFG)
-  params = model.init(jax.random.key(0), jnp.zeros((1, L), jnp.int32))['params']
+  # Jitted: Flax dispatched op by op costs seconds here and below.
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, L), jnp.int32))['params']
   return model, params
 
 
@@ -32,7 +33,8 @@ def blocks():
 
 def numpy_nll_sum(model, params, blocks_NxL):
   """Sum of next-token negative log-likelihoods, in float64 from the model's logits."""
-  logits = np.asarray(model.apply({'params': params}, jnp.asarray(blocks_NxL, jnp.int32)),
+  logits = np.asarray(jax.jit(model.apply)({'params': params},
+                                           jnp.asarray(blocks_NxL, jnp.int32)),
                       np.float64)[:, :-1]
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))

@@ -219,9 +219,10 @@ def test_transposed_unembedding_gives_the_tied_logits(params):
   model = model_lib.GPT2(CFG)
   tokens_BxL = jnp.asarray(np.arange(12).reshape(2, 6) % CFG.vocab_size)
   cache = model_lib.init_cache(CFG, 2, 8)
-  tied, _ = model.apply({'params': params}, tokens_BxL, cache=cache)
-  transposed, _ = model.apply({'params': params}, tokens_BxL, cache=cache,
-                              unembed_DxV=params['wte'].T)
+  apply = jax.jit(model.apply)  # Flax dispatched op by op would take seconds.
+  tied, _ = apply({'params': params}, tokens_BxL, cache=cache)
+  transposed, _ = apply({'params': params}, tokens_BxL, cache=cache,
+                        unembed_DxV=params['wte'].T)
   np.testing.assert_allclose(transposed, tied, rtol=1e-5, atol=1e-5)
 
 
@@ -248,8 +249,9 @@ def test_top_p_property_on_random_rows():
   rng = np.random.default_rng(1)
   logits_BxV = rng.normal(size=(64, 50)) * rng.uniform(0.1, 4, size=(64, 1))
   p_B = rng.uniform(0.05, 0.99, size=64)
+  top_p = jax.jit(processors.apply_top_p)  # p traced: one program for every row's p.
   for logits_V, p in zip(logits_BxV, p_B):
-    kept = np.isfinite(np.asarray(processors.apply_top_p(jnp.asarray(logits_V[None]), p)))[0]
+    kept = np.isfinite(np.asarray(top_p(jnp.asarray(logits_V[None]), p)))[0]
     probs = np.exp(logits_V - logits_V.max())
     probs /= probs.sum()
     assert probs[kept].min() > probs[~kept].max(initial=-1)  # The most likely tokens,
@@ -274,8 +276,9 @@ def test_top_p_bisection_keeps_the_sorted_nucleus():
   logits_BxV = (rng.normal(size=(48, 2048)) * rng.uniform(0.5, 12, size=(48, 1))).astype(
       np.float32)
   logits_BxV[:16] = np.asarray(processors.apply_top_k(jnp.asarray(logits_BxV[:16]), 40))
+  top_p = jax.jit(processors.apply_top_p)  # p traced: one program for the three.
   for p in (0.1, 0.6, 0.95):
-    kept = np.isfinite(np.asarray(processors.apply_top_p(jnp.asarray(logits_BxV), p)))
+    kept = np.isfinite(np.asarray(top_p(jnp.asarray(logits_BxV), p)))
     for logits_V, kept_V in zip(logits_BxV, kept):
       np.testing.assert_array_equal(kept_V, _top_p_by_sorting(logits_V, p))
 
@@ -326,7 +329,8 @@ def test_generate_text_with_a_trained_bpe():
   tok = tokenizer_lib.train_bpe(code, 300, progress=False)
   cfg = model_lib.ModelConfig(vocab_size=len(tok), num_layers=1, num_heads=2, d_model=16,
                               d_ff=32, max_len=64, dropout=0.0)
-  params = model_lib.GPT2(cfg).init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))['params']
+  params = jax.jit(model_lib.GPT2(cfg).init)(jax.random.key(1),
+                                             jnp.zeros((1, 4), jnp.int32))['params']
   stops = ('\nclass', '\ndef', '\n#', '\n@', '\nprint', '\nif')
   prompts = ['<|endoftext|>def add(a, b):\n', '<|endoftext|>']
   kw = {'key': jax.random.key(0), 'max_new_tokens': 24, 'stop_strings': stops,
