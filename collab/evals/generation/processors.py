@@ -37,12 +37,41 @@ def apply_repetition_penalty(logits_BxV, seen_BxV, penalty: float):
   return jnp.where(seen_BxV, penalized_BxV, logits_BxV)
 
 
+def _order_keys(x):
+  """uint32 keys in the order of float32 values (-0.0 as 0.0; NaN never reaches here)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32) + 0.0, jnp.uint32)
+  negative = bits >= jnp.uint32(0x80000000)
+  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def kth_largest(x_BxV, k: int):
+  """The k-th largest value of each row (ties counted), [B, 1], without sorting.
+
+  Bisection over the values' order keys: the largest key t with at least k values at or
+  above it is the k-th largest value's, found exactly in 32 halvings of masked counts.
+  XLA's CPU top_k sorts every row: ~20x the cost, more than a whole decoding step of a
+  small model.
+  """
+  keys_BxV = _order_keys(x_BxV)
+  lo_Bx1 = jnp.min(keys_BxV, axis=-1, keepdims=True)  # count(>= lo) = V >= k.
+  hi_Bx1 = jnp.max(keys_BxV, axis=-1, keepdims=True)  # count(> max) = 0 < k.
+
+  def halve(_, bounds):
+    lo_Bx1, hi_Bx1 = bounds  # Invariant: count(>= lo) >= k and count(> hi) < k.
+    mid_Bx1 = lo_Bx1 + (hi_Bx1 - lo_Bx1 + 1) // 2  # In (lo, hi] while lo < hi.
+    enough_Bx1 = jnp.sum(keys_BxV >= mid_Bx1, axis=-1, keepdims=True) >= k
+    return (jnp.where(enough_Bx1, mid_Bx1, lo_Bx1),
+            jnp.where(enough_Bx1, hi_Bx1, mid_Bx1 - 1))
+  lo_Bx1, _ = jax.lax.fori_loop(0, 32, halve, (lo_Bx1, hi_Bx1))
+  # lo is a key some value has: the k-th largest's.
+  return jnp.max(jnp.where(keys_BxV == lo_Bx1, x_BxV, -jnp.inf), axis=-1, keepdims=True)
+
+
 def apply_top_k(logits_BxV, k: int):
   """Keeps the k largest logits of each row (and any tied with the k-th); -inf elsewhere."""
   if k >= logits_BxV.shape[-1]:
     return logits_BxV
-  kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
-  return jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  return jnp.where(logits_BxV < kth_largest(logits_BxV, k), -jnp.inf, logits_BxV)
 
 
 # Halvings of the threshold interval in apply_top_p: 32 take a logit range of 40 below
