@@ -30,15 +30,16 @@ def breakdown(study_dir: str) -> dict:
     out['evaluate'] += results.get('evaluate_seconds') or 0.0
     for part, seconds in (results.get('evaluate_seconds_by_part') or {}).items():
       out[part] = out.get(part, 0.0) + seconds
-  # Chains share stages (their train_seconds overlap): training is what the rest leaves.
-  out['train'] = out['wall'] - out['data'] - out['evaluate']
+  # The training loop's wall time (evaluation runs beside it, collab.study); older
+  # studies evaluated after training, so training was what the rest of the wall left.
+  out['train'] = summary.get('train_seconds') or out['wall'] - out['data'] - out['evaluate']
   return out
 
 
 def table(cold: dict, warm: dict | None) -> str:
   rows = [('wall (make study, after installation)', 'wall'), ('data build', 'data'),
-          ('training (all runs; wall - data - evaluation)', 'train'),
-          ('evaluation (all runs)', 'evaluate')]
+          ('training loop (evaluation overlaps it)', 'train'),
+          ('evaluation (all runs; summed, in a thread beside training)', 'evaluate')]
   rows += [(f'  {p}', p) for p in PARTS if cold.get(p)]
   header = '| part | cold (s) |' + (' warm (s) |' if warm else '')
   lines = [header, '|---|---|' + ('---|' if warm else '')]

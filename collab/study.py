@@ -12,6 +12,7 @@ interrupted anywhere resumes, and a finished one re-prints its tables in seconds
 run is trained before any is evaluated, since some evaluators read other runs' models.
 """
 
+import concurrent.futures
 import itertools
 import os
 import time
@@ -170,8 +171,12 @@ def run_one(cfg, folder: str) -> dict:
   """Trains (where needed) and evaluates one run; returns its results, reused only if
   they were evaluated under the same settings and models (collab.evaluate)."""
   train_one(cfg, folder)
-  return (evaluate.load_current_results(cfg, folder)
-          or evaluate.evaluate_run(cfg, folder))
+  return evaluated(cfg, folder)
+
+
+def evaluated(cfg, folder: str) -> dict:
+  """A trained run's results: reused if current, evaluated otherwise."""
+  return evaluate.load_current_results(cfg, folder) or evaluate.evaluate_run(cfg, folder)
 
 
 def _crossorg(config, data_dir: str) -> dict | None:
@@ -185,6 +190,60 @@ def _crossorg(config, data_dir: str) -> dict | None:
                                        int(mem.min_lines), int(mem.clone_type))
 
 
+def evaluable_after(runs) -> list:
+  """For each run, how many runs (a prefix of `runs`) must be trained before it may be
+  evaluated: itself and every single run, whose models evaluators may read (the
+  extraction ranking's and membership's reference models)."""
+  singles = [i for i, (spec, _, _) in enumerate(runs)
+             if spec.overrides.get('setting') == 'single']
+  last_single = max(singles, default=-1)
+  return [max(i, last_single) + 1 for i in range(len(runs))]
+
+
+def train_and_evaluate(runs, timing: dict | None = None) -> dict:
+  """{run name: results}: every run trained in order, and evaluated in order by one
+  background thread as soon as evaluable_after allows, while the next runs train.
+  timing['train_seconds'] gets the wall time of the training loop.
+
+  On a CPU neither a small model's training step nor a decoding step keeps every core
+  busy, so the two overlap; each computes what it would alone, in the same order, so
+  the results are the same bits. A failure on either side stops both.
+  """
+  after = evaluable_after(runs)
+  results, submitted = {}, []
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='evaluate')
+  ebar = tqdm.tqdm(total=len(runs), desc='study: evaluate', unit='run', position=1)
+
+  def evaluate_one(spec, folder, cfg):
+    ebar.set_postfix_str(spec.name)
+    out = evaluated(cfg, folder)
+    ebar.update(1)
+    return out
+
+  def submit(trained: int) -> None:
+    while len(submitted) < len(runs) and after[len(submitted)] <= trained:
+      spec, folder, cfg = runs[len(submitted)]
+      submitted.append((spec.name, pool.submit(evaluate_one, spec, folder, cfg)))
+    for _, future in submitted:  # An evaluation that failed stops the study now.
+      if future.done() and future.exception():
+        raise future.exception()
+  start = time.time()
+  try:
+    with tqdm.tqdm(runs, desc='study: train', unit='run', position=0, leave=True) as bar:
+      for i, (spec, folder, cfg) in enumerate(bar):
+        bar.set_postfix_str(spec.name)
+        train_one(cfg, folder)
+        submit(i + 1)
+    if timing is not None:
+      timing['train_seconds'] = time.time() - start
+    for name, future in submitted:
+      results[name] = future.result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+    ebar.close()
+  return results
+
+
 @lock.holding_workdir  # One process per study folder; its runs lock their own folders.
 def run_study(config, workdir: str) -> dict:
   """Builds the data, runs every missing run, and writes summary.json."""
@@ -194,20 +253,13 @@ def run_study(config, workdir: str) -> dict:
   card = build.build_data(config.data, data_dir)
   data_seconds = time.time() - start
   run.write_config(workdir, config)
-  results, worked = {}, False
+  worked = False
   runs = [(spec, os.path.join(workdir, spec.name), run_config(config, spec, workdir))
           for spec in specs]
-  # Every run is trained before any is evaluated: an evaluator may read other runs'
-  # models (the extraction ranking's reference models are the single runs).
-  with tqdm.tqdm(runs, desc='study: train', unit='run', position=0, leave=True) as bar:
-    for spec, folder, cfg in bar:
-      bar.set_postfix_str(spec.name)
-      worked |= not (run.is_done(folder) and evaluate.load_current_results(cfg, folder))
-      train_one(cfg, folder)
-  with tqdm.tqdm(runs, desc='study: evaluate', unit='run', position=0, leave=True) as bar:
-    for spec, folder, cfg in bar:
-      bar.set_postfix_str(spec.name)
-      results[spec.name] = run_one(cfg, folder)
+  for spec, folder, cfg in runs:
+    worked |= not (run.is_done(folder) and evaluate.load_current_results(cfg, folder))
+  timing = {}
+  train_and_evaluate(runs, timing)
   summary = {
       'runs': [s.name for s in specs],
       'participants': run.participant_names(config),
@@ -227,10 +279,11 @@ def run_study(config, workdir: str) -> dict:
                         else stored.get('machine'))
   summary['wall_seconds'] = ((before or 0.0) + time.time() - start if worked or before is None
                              else before)
-  if worked or before is None:  # The data build of the invocation that did the work.
-    summary['data_seconds'] = data_seconds
-  else:
-    summary['data_seconds'] = stored.get('data_seconds')
+  for key, value in (('data_seconds', data_seconds),
+                     ('train_seconds', timing.get('train_seconds'))):
+    # The data build and training loop of the invocation that did the work; evaluation
+    # overlaps training (train_and_evaluate), so the rest of the wall time is its tail.
+    summary[key] = value if worked or before is None else stored.get(key)
   io.atomic_write_json(previous, summary)
   logging.info('Study %s: %d runs in %.0fs.', workdir, len(specs), time.time() - start)
   return summary

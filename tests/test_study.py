@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import pytest
 
@@ -209,6 +210,37 @@ def test_command_lines_regenerate_the_same_tables(finished):
     proc = subprocess.run([sys.executable, '-m', module, '--helpshort'], cwd=root,
                           capture_output=True, text=True, check=False)
     assert 'Traceback' not in proc.stderr and 'workdir' in proc.stdout + proc.stderr
+
+
+def test_evaluation_follows_training_in_order_and_a_failure_stops_the_study(monkeypatch):
+  """Runs are evaluated in order, each after its own training and the single runs'
+  (their models are reference models), while later runs train; a failed evaluation
+  ends the study with its error."""
+  names = ['single-a', 'single-b', 'centralized', 'federated-fedavg']
+  runs = [(study.RunSpec(n, {'setting': n.split('-')[0]}), n, None) for n in names]
+  assert study.evaluable_after(runs) == [2, 2, 3, 4]
+  events, guard = [], threading.Lock()
+
+  def log(kind, folder):
+    with guard:
+      events.append((kind, folder))
+  monkeypatch.setattr(study, 'train_one', lambda cfg, folder: log('train', folder))
+
+  def evaluated(cfg, folder):
+    log('evaluate', folder)
+    return {'run': folder}
+  monkeypatch.setattr(study, 'evaluated', evaluated)
+  assert study.train_and_evaluate(runs) == {n: {'run': n} for n in names}
+  assert [f for kind, f in events if kind == 'evaluate'] == names
+  for i, name in enumerate(names):
+    at = events.index(('evaluate', name))
+    assert {f for kind, f in events[:at] if kind == 'train'} >= set(names[:max(i, 1) + 1])
+
+  def failing(cfg, folder):
+    raise RuntimeError(f'evaluation of {folder} failed')
+  monkeypatch.setattr(study, 'evaluated', failing)
+  with pytest.raises(RuntimeError, match='evaluation of single-a failed'):
+    study.train_and_evaluate(runs)
 
 
 def test_seeds_repeat_every_run_and_tables_report_mean_and_spread(tmp_path):
