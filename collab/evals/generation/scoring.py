@@ -11,6 +11,7 @@ over the mesh's data axis like evaluation batches (collab.parallel.jit_eval_step
 
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
@@ -28,17 +29,31 @@ def token_logprobs(params, batch: dict, *, model) -> jnp.ndarray:
   return -steps.token_nll(params, batch['tokens'], model=model)
 
 
+def token_stats(params, batch: dict, *, model) -> jnp.ndarray:
+  """stats_BxTx3: per predicted token, log p(label), and the mean and standard deviation
+  of log p(z) for z drawn from the model's next-token distribution (Min-K%++'s mu and
+  sigma), float32. Whole [B, L, V] logits: for the short windows membership scores."""
+  logits_BxLxV = model.apply({'params': params}, batch['tokens'], deterministic=True)
+  logp_BxTxV = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+  labels_BxT = batch['tokens'][:, 1:]
+  label_BxT = jnp.take_along_axis(logp_BxTxV, labels_BxT[..., None], axis=-1)[..., 0]
+  p_BxTxV = jnp.exp(logp_BxTxV)
+  mu_BxT = jnp.sum(p_BxTxV * logp_BxTxV, axis=-1)
+  var_BxT = jnp.sum(p_BxTxV * jnp.square(logp_BxTxV - mu_BxT[..., None]), axis=-1)
+  return jnp.stack([label_BxT, mu_BxT, jnp.sqrt(var_BxT)], axis=-1)
+
+
 def bucket_length(n: int, max_len: int) -> int:
   return min(max_len, -(-n // LENGTH_BUCKET) * LENGTH_BUCKET)
 
 
 def make_scorer(params, model_config, batch_size: int, *, mesh=None, rules=(),
-                progress: bool = False, desc: str = 'scoring') -> Callable:
+                progress: bool = False, desc: str = 'scoring', fn=token_logprobs) -> Callable:
   """`score(sequences) -> [logprobs_T per sequence]` (T = len - 1) for one model.
 
   Each sequence is a list of token ids, 2 <= len <= model_config.max_len. `batch_size`
   is rounded up to a multiple of the data-parallel size; params already on `mesh` stay
-  where they are.
+  where they are. `fn=token_stats` gives [T, 3] per sequence instead (see token_stats).
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
@@ -46,7 +61,7 @@ def make_scorer(params, model_config, batch_size: int, *, mesh=None, rules=(),
   shards = parallel.data_parallel_size(parallel.batch_sharding(mesh, rules))
   rows = -(-batch_size // shards) * shards
   params = sampling.place_params(params, mesh)
-  step = parallel.model_eval_step(token_logprobs, GPT2(model_config),
+  step = parallel.model_eval_step(fn, GPT2(model_config),
                                  parallel.shardings_of(params), mesh, rules)
   max_len = model_config.max_len
 
