@@ -7,8 +7,9 @@ incremental_orders.png (heat maps over orders), loss_curves.png (training loss p
 forgetting.png (perplexity of every participant over incremental stages), when runs
 recorded extractability with fit memorization_vs_fit.png (extractable share against own
 training loss, validation perplexity and epochs, along each run's snapshots, best and
-final models) and, when the study has DP-FedAvg runs, privacy_utility.png (noise
-multiplier against perplexity and canary exposure, ε beside each point).
+final models), when runs recorded membership inference roc.png (ROC per score on log-log
+axes) and, when the study has DP-FedAvg runs, privacy_utility.png (noise multiplier
+against perplexity and canary exposure, ε beside each point).
 """
 
 import json
@@ -311,6 +312,54 @@ def memorization_vs_fit(runs, path: str) -> str | None:
   return _save(fig, path)
 
 
+def _mean_roc(membership: dict, score: str, names) -> tuple | None:
+  """The ROC curve of `score` averaged (TPR at each FPR) over the participants `names`."""
+  grid = np.geomspace(1e-3, 1.0, 60)
+  curves = []
+  for p in names:
+    roc = ((((membership.get('participants') or {}).get(p) or {}).get('scores') or {})
+           .get(score) or {}).get('roc')
+    if roc:
+      curves.append(np.interp(grid, roc['fpr'], roc['tpr']))
+  return (grid, np.mean(curves, axis=0)) if curves else None
+
+
+def roc(runs, path: str) -> str | None:
+  """ROC curves on log-log axes: one panel per membership score, one curve per run (its
+  final model; TPR averaged over the participants it trained on), chance dashed."""
+  with_mia = [r for r in runs if (r.get('membership') or {}).get('participants')
+              and any(_mean_roc(r['membership'], s, r.get('participants') or [])
+                      is not None for s in r['membership'].get('scores') or ())]
+  if not with_mia:
+    return None  # No ROC curves (results of an older collab, or no scores).
+  scores = with_mia[0]['membership']['scores']
+  cols = 3
+  fig, axes = plt.subplots(-(-len(scores) // cols), cols, figsize=(4.2 * cols, 3.6 * (
+      -(-len(scores) // cols))), squeeze=False)
+  colors = plt.get_cmap('tab20').colors
+  for ax, score in zip(axes.flat, scores):
+    for i, r in enumerate(with_mia):
+      curve = _mean_roc(r['membership'], score, r.get('participants') or [])
+      if curve is not None:
+        ax.plot(*curve, color=colors[i % 20], lw=1.2, label=r['run'])
+    ax.plot([1e-3, 1], [1e-3, 1], 'k--', lw=0.8)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(1e-3, 1.05)
+    ax.set_title(score)
+    ax.set_xlabel('false-positive rate')
+    ax.set_ylabel('true-positive rate')
+  for ax in list(axes.flat)[len(scores):]:
+    ax.axis('off')
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', ncol=min(6, len(labels)), fontsize=7)
+  fig.suptitle('Membership inference ROC per score (final models; mean over the '
+               'participants each run trained on; FPR below 1/non-members is not resolved)')
+  fig.tight_layout(rect=(0, 0.06 + 0.035 * (-(-len(labels) // 6)), 1, 1))
+  return _save(fig, path)
+
+
 def write_figures(workdir: str) -> list:
   """Writes every figure the results allow; returns their paths."""
   runs = tables.load_results(workdir)
@@ -321,7 +370,8 @@ def write_figures(workdir: str) -> list:
           loss_curves(workdir, runs, os.path.join(out, 'loss_curves.png')),
           forgetting(runs, os.path.join(out, 'forgetting.png')),
           privacy_utility(runs, os.path.join(out, 'privacy_utility.png')),
-          memorization_vs_fit(runs, os.path.join(out, 'memorization_vs_fit.png'))]
+          memorization_vs_fit(runs, os.path.join(out, 'memorization_vs_fit.png')),
+          roc(runs, os.path.join(out, 'roc.png'))]
   return [p for p in made if p]
 
 

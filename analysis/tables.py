@@ -182,18 +182,22 @@ def fmt_noise(group: Sequence[dict]) -> str:
 def privacy(runs: Sequence[dict]) -> tuple:
   """Per run: noise multiplier, ε, perplexity, memorization, exposure and MIA AUROC."""
   counts, groups = exposure.repeat_counts(runs), group_seeds(runs)
-  header = (['run', 'noise multiplier', 'ε', 'ppl pooled', 'mem ratio %'] +
+  audited = any(exposure.empirical_epsilon(r) is not None for r in runs)
+  header = (['run', 'noise multiplier', 'ε'] + (['ε empirical (95%)'] if audited else []) +
+            ['ppl pooled', 'mem ratio %'] +
             [f'exposure {n}x' for n in counts] + ['MIA AUROC loss', 'MIA AUROC min-k'])
   rows = []
   for name in interface.privacy_ordered(groups):
     group = groups[name]
-    rows.append([name, fmt_noise(group), fmt_epsilon(group),
-                 fmt([g['perplexity'].get('pooled') for g in group]),
+    rows.append([name, fmt_noise(group), fmt_epsilon(group)] +
+                ([fmt([exposure.empirical_epsilon(g) for g in group])] if audited else []) +
+                [fmt([g['perplexity'].get('pooled') for g in group]),
                  fmt([memorization_ratio(g) for g in group], 1, percent=True)] +
                 [fmt([exposure_of(g, n) for g in group]) for n in counts] +
                 [fmt([mia_of(g, s) for g in group], 3) for s in ('loss', 'min_k')])
   return ('Privacy and utility (exposure in bits and MIA AUROC: means over the '
-          'participants each run trained on)', header, rows)
+          'participants each run trained on; ε empirical: a lower bound from the canaries '
+          'at 95% confidence, which must stay below the accountant\'s ε)', header, rows)
 
 
 def _metrics(run_dir: str) -> list:

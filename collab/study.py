@@ -13,8 +13,10 @@ run is trained before any is evaluated, since some evaluators read other runs' m
 """
 
 import concurrent.futures
+import copy
 import itertools
 import os
+import shutil
 import time
 from typing import NamedTuple
 
@@ -244,6 +246,42 @@ def train_and_evaluate(runs, timing: dict | None = None) -> dict:
   return results
 
 
+def heldout_data_config(config, data_dir: str):
+  """The data config of WORKDIR/data-heldout: each participant's held-out sources
+  (config.study.heldout_sources), cleaned like its training data and tokenized with the
+  study's tokenizer; None when the study has none."""
+  spec = str(config.study.get('heldout_sources', '') or '')
+  if not spec:
+    return None
+  cfg = copy.deepcopy(config.data)
+  with cfg.unlocked():
+    for p in cfg.participants:
+      p.sources = (spec.format(participant=p.name),)
+      p.valid_sources = ()
+    cfg.split = 'file'
+    cfg.max_file_bytes = int(config.study.heldout_max_file_bytes)
+    cfg.tokenizer.path = os.path.join(os.path.abspath(data_dir), 'tokenizer')
+    cfg.data_dir = ''
+  return cfg
+
+
+def build_heldout(config, data_dir: str) -> None:
+  """Builds DATA_DIR/../data-heldout (membership's extra non-members) if the study has
+  held-out sources; rebuilt whenever the study's data (so its tokenizer) changes."""
+  cfg = heldout_data_config(config, data_dir)
+  if cfg is None:
+    return
+  from collab.evals.privacy import membership
+  folder = os.path.join(os.path.dirname(os.path.abspath(data_dir)), membership.HELDOUT_DATA)
+  main_inputs = blocks_lib.load_manifest(data_dir).get('inputs')
+  stamp = os.path.join(folder, 'tokenizer_of.json')
+  if os.path.isdir(folder) and (not os.path.isfile(stamp)
+                                or io.read_json(stamp) != {'inputs': main_inputs}):
+    shutil.rmtree(folder)  # Tokenized with another tokenizer: stale.
+  build.build_data(cfg, folder)
+  io.atomic_write_json(stamp, {'inputs': main_inputs})
+
+
 @lock.holding_workdir  # One process per study folder; its runs lock their own folders.
 def run_study(config, workdir: str) -> dict:
   """Builds the data, runs every missing run, and writes summary.json."""
@@ -251,6 +289,7 @@ def run_study(config, workdir: str) -> dict:
   specs = expand(config)
   data_dir = run.data_dir_of(config, workdir)
   card = build.build_data(config.data, data_dir)
+  build_heldout(config, data_dir)
   data_seconds = time.time() - start
   run.write_config(workdir, config)
   worked = False

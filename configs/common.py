@@ -282,9 +282,21 @@ def eval_config() -> ml_collections.ConfigDict:
   # Membership inference: training (member) vs validation files, loss and Min-K% scores.
   c.membership = ml_collections.ConfigDict()
   c.membership.enabled = True
-  c.membership.max_files = 200  # Files per participant and side (seeded sample); 0: all.
-  c.membership.min_k = 0.2  # Min-K% Prob: share of least likely tokens (Shi et al.: 20%).
-  c.membership.fpr = 0.01  # The false-positive rate the TPR is reported at.
+  # Units: 'window' (non-overlapping windows of the blocks, scored in context) or 'file'.
+  c.membership.unit = 'window'
+  c.membership.window = 32  # Tokens per window.
+  c.membership.max_windows = 0  # Windows per participant and split (seeded sample); 0: all.
+  c.membership.max_files = 200  # unit='file': files per participant and side; 0: all.
+  c.membership.min_k = 0.2  # Min-K% and Min-K%++: share of least likely tokens (20%).
+  c.membership.fprs = (0.001, 0.01)  # False-positive rates the TPR is reported at.
+  # Reference models of LiRA and RMIA: 'auto' (the study's single runs of the other
+  # participants) or comma-separated Hugging Face GPT-2 folders that saw nobody.
+  c.membership.references = 'auto'
+  c.membership.rmia_a = 0.3  # RMIA's offline correction of p(x) (Zarifzadeh et al.).
+  c.membership.rmia_gamma = 1.0  # RMIA's likelihood-ratio threshold.
+  # Non-members also from WORKDIR/data-heldout where the study built it (held-out files
+  # of the same organizations, config.study.heldout_sources).
+  c.membership.heldout = True
   # Fit: each model's mean token loss on every participant's own training blocks (the x
   # axis of memorization against fit).
   c.fit = ml_collections.ConfigDict()
@@ -349,6 +361,12 @@ def study_config() -> ml_collections.ConfigDict:
   # run that reaches the centralized run's fit, so that memorization can be compared at
   # matched fit. (): none.
   c.fit_matching_rounds = ()
+  # Held-out files of each participant, never trained on: one source spec with
+  # '{participant}' (e.g. 'corpus:heldout/{participant}'), built into WORKDIR/data-heldout
+  # with the study's tokenizer; membership inference takes non-member windows from them.
+  # '': none (non-members are the validation windows alone).
+  c.heldout_sources = ''
+  c.heldout_max_file_bytes = 64_000  # Their size cap (the held-out modules are larger).
   c.crossorg = True  # Cross-organization clone analysis of the participants' data.
   c.figures = True  # Write figures/ (matplotlib) beside tables/.
   return c

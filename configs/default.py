@@ -75,4 +75,9 @@ def get_config(arg=None):
   # A FedAvg run with 4x the rounds (4 local epochs each, as the 8-round run): it reaches
   # the centralized run's fit, so memorization is compared at matched fit.
   c.study.fit_matching_rounds = (4 * ROUNDS,)
+  # Membership inference: non-member windows also from held-out modules of the same
+  # releases (configs/corpus/heldout, ~11k tokens per organization, never trained on):
+  # 200+ non-member windows of 32 tokens per participant instead of the validation
+  # file's 48-80.
+  c.study.heldout_sources = 'corpus:heldout/{participant}'
   return c

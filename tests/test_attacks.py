@@ -155,10 +155,18 @@ def test_windows_cut_blocks_and_take_their_predictions_in_context():
   assert (b2.tolist(), o2.tolist()) == tuple(x.tolist() for x in windows.cut(blocks, 4, 3, 1, 'x'))
   # Row t of a block's stats predicts token t + 1: window [o, o + 4) uses rows o - 1 ...
   stats = [np.arange(7)[:, None] + 100 * i for i in range(3)]
-  w = windows.Windows(b, o, None, None)
+  w = windows.Windows(blocks, b, o, None, None)
   rows = windows.window_stats(stats, w, 4)
   assert rows[0][:, 0].tolist() == [0, 1, 2]  # Tokens 1..3: the first has no prediction.
   assert rows[1][:, 0].tolist() == [3, 4, 5, 6]  # Tokens 4..7.
   assert rows[3][:, 0].tolist() == [103, 104, 105, 106]
   with pytest.raises(ValueError, match='window'):
     windows.cut(blocks, 9, 0, 1, 'x')
+
+
+def test_welch_rows_equal_scipy():
+  rng = np.random.default_rng(6)
+  m, n = rng.normal(0.3, 1, (5, 12)), rng.normal(0, 2, (5, 9))
+  expected = [scipy_stats.ttest_ind(a, b, equal_var=False, alternative='greater').pvalue
+              for a, b in zip(m, n)]
+  np.testing.assert_allclose(attacks.welch_p_rows(m, n), expected, rtol=1e-10)

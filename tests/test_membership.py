@@ -1,73 +1,36 @@
-"""Membership inference (collab.evals.privacy.membership): scores, AUROC and TPR against direct
-computations, and the per-participant evaluation over a built data folder."""
+"""Membership inference (collab.evals.privacy.membership): units, the evaluator against
+reference models on a built data folder, and its tables."""
 
-import itertools
-import math
+import json
+import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from collab import hf
+from collab import model as model_lib
+from collab.data import blocks as blocks_lib
 from collab.data import canaries
-from collab.data import tfds_builder
 from collab.data import tokenizer as tokenizer_lib
+from collab.evals import interface
+from collab.evals.privacy import attacks
 from collab.evals.privacy import membership
+from collab.evals.privacy import windows
+from tests.conftest import TINY_PARTICIPANTS, tiny_run_config
 
 
-def _pairwise_auroc(members, nonmembers):
-  """The definition: P(member > non-member) + P(tie) / 2 over every pair."""
-  wins = [1.0 if a > b else 0.5 if a == b else 0.0
-          for a, b in itertools.product(members, nonmembers)]
-  return sum(wins) / len(wins)
-
-
-def _brute_force_tpr(members, nonmembers, fpr):
-  """Max TPR over every threshold (predict member when score >= t) with FPR <= fpr."""
-  best = 0.0
-  for t in list(members) + list(nonmembers) + [math.inf]:
-    if np.mean(np.asarray(nonmembers) >= t) <= fpr:
-      best = max(best, float(np.mean(np.asarray(members) >= t)))
-  return best
-
-
-@pytest.mark.parametrize('seed', range(6))
-def test_auroc_and_tpr_equal_direct_computation(seed):
-  rng = np.random.default_rng(seed)
-  n_m, n_n = rng.integers(5, 60), rng.integers(5, 250)
-  # Integer scores (many ties) shifted for members: an attack better than chance.
-  members = rng.integers(0, 12, n_m) + rng.integers(0, 4)
-  nonmembers = rng.integers(0, 12, n_n)
-  assert membership.auroc(members, nonmembers) == pytest.approx(
-      _pairwise_auroc(members, nonmembers))
-  for fpr in (0.01, 0.05, 0.2):
-    assert membership.tpr_at_fpr(members, nonmembers, fpr) == pytest.approx(
-        _brute_force_tpr(members, nonmembers, fpr))
-  cont_m, cont_n = rng.normal(1, 1, n_m), rng.normal(0, 1, n_n)
-  assert membership.auroc(cont_m, cont_n) == pytest.approx(_pairwise_auroc(cont_m, cont_n))
-  assert membership.tpr_at_fpr(cont_m, cont_n, 0.01) == pytest.approx(
-      _brute_force_tpr(cont_m, cont_n, 0.01))
-
-
-def test_auroc_and_tpr_extremes():
-  assert membership.auroc([3, 4], [1, 2]) == 1.0 and membership.auroc([1], [2, 3]) == 0.0
-  assert membership.auroc([1, 1], [1]) == 0.5
+def test_tpr_at_fpr_extremes_name_the_non_members_behind_them():
   # 100 non-members: 1% FPR allows exactly one above the bar (the 2nd highest, 98).
   nonmembers = list(range(100))
-  assert membership.tpr_at_fpr([99, 98.5, 97], nonmembers, 0.01) == pytest.approx(2 / 3)
-  assert membership.tpr_at_fpr([99, 98.5, 97], nonmembers[:50], 0.01) == 1.0  # 0 allowed.
+  point = attacks.tpr_at_fpr([99, 98.5, 97], nonmembers, 0.01)
+  assert point['tpr'] == pytest.approx(2 / 3) and point['false_positives_allowed'] == 1
+  small = attacks.tpr_at_fpr([99, 98.5, 97], nonmembers[:50], 0.01)
+  assert small == {'tpr': 1.0, 'fpr': 0.01, 'nonmembers': 50, 'false_positives_allowed': 0}
+  assert attacks.auroc([3, 4], [1, 2]) == 1.0 and attacks.auroc([1, 1], [1]) == 0.5
   with pytest.raises(ValueError, match='non-member'):
-    membership.auroc([1.0], [])
-
-
-def test_min_k_and_loss_by_hand():
-  logprobs = np.log([0.5, 0.1, 0.9, 0.05, 0.6, 0.3, 0.2, 0.8, 0.7, 0.4])
-  # K = 20% of 10 tokens: the two least likely, 0.05 and 0.1.
-  assert membership.min_k_score(logprobs, 0.2) == pytest.approx((math.log(0.05) +
-                                                                 math.log(0.1)) / 2)
-  assert membership.min_k_score(logprobs, 0.05) == pytest.approx(math.log(0.05))  # >= 1.
-  assert membership.min_k_score(logprobs, 1.0) == pytest.approx(np.mean(logprobs))
-  assert membership.loss_score(logprobs) == pytest.approx(np.mean(logprobs))
-  with pytest.raises(ValueError, match='min_k'):
-    membership.min_k_score(logprobs, 0.0)
+    attacks.auroc([1.0], [])
 
 
 def test_sample_files_is_seeded_capped_and_skips_canaries():
@@ -80,23 +43,75 @@ def test_sample_files_is_seeded_capped_and_skips_canaries():
   assert len(membership.sample_files(records, 0, seed=1, tag='x')) == 20
 
 
-def test_evaluate_scores_train_against_valid_files(tiny_data):
-  tok = tokenizer_lib.load_tokenizer(tiny_data)
-  encode, eot = tokenizer_lib.make_encoder(tok), tokenizer_lib.eot_id(tok)
-  valid_texts = {r['content'] for r in tfds_builder.load_split(tiny_data, 'alpha', 'valid')}
-  valid_ids = {tuple([eot] + encode([t])[0][:15].tolist()) for t in valid_texts}
-  seen = []
+def test_window_units_cover_every_block_and_flag_shared_tokens(tiny_data):
+  names = list(TINY_PARTICIPANTS)
+  units = membership.window_units([tiny_data], names, 8, 0, seed=1)
+  for p in names:
+    for side, split in windows.SIDES:
+      u, blocks = units[p, side], blocks_lib.load_blocks(tiny_data, p, split)
+      assert len(u.spans) == len(blocks) * (blocks.shape[1] // 8)
+      for (i, a, b), toks in zip(u.spans, u.tokens):
+        # Rows a..b-1 predict tokens a+1..b: the window's, bar a block's first token.
+        assert b - a in (7, 8) and b <= len(u.sequences[i]) - 1
+        assert toks == u.sequences[i][b + 1 - 8:b + 1]
+  # Every organization's files share their template: common 8-token runs are ambiguous,
+  # and a window is ambiguous exactly when its tokens occur elsewhere.
+  u = units['alpha', 'member']
+  assert 0 < u.ambiguous.sum() < len(u.ambiguous)
+  assert units['alpha', 'member'].ambiguous.sum() + units['alpha', 'nonmember'].ambiguous.sum() > 0
 
-  def score(seqs):  # A perfect oracle: members get log-prob 0, non-members -1 per token.
-    seen.extend(seqs)
-    return [np.full(len(s) - 1, -1.0 if tuple(s) in valid_ids else 0.0) for s in seqs]
 
-  result = membership.evaluate(score, encode, eot, tiny_data, ['alpha', 'beta'],
-                               max_files=6, seq_len=16, k=0.2, fpr=0.01, seed=1)
-  alpha = result['participants']['alpha']
-  assert alpha['members'] == 6 and alpha['nonmembers'] == min(6, len(valid_texts))
-  assert alpha['loss'] == {'auroc': 1.0, 'tpr_at_fpr': 1.0} == alpha['min_k']
-  assert alpha['member_nll'] == 0.0 and alpha['nonmember_nll'] == 1.0
-  assert all(s[0] == eot and 2 <= len(s) <= 16 for s in seen)
-  assert result['settings'] == {'max_files': 6, 'seq_len': 16, 'min_k': 0.2, 'fpr': 0.01,
-                                'seed': 1}
+def _study_with_references(root, tiny_data):
+  """study/{centralized, single-beta, single-gamma}: random tiny models, the singles
+  exported as Hugging Face folders with train.json (the study's reference models)."""
+  config = tiny_run_config(tiny_data)
+  mc = model_lib.ModelConfig(vocab_size=300, num_layers=1, num_heads=2, d_model=32, d_ff=64,
+                             max_len=32, dropout=0.0)
+  model = model_lib.GPT2(mc)
+  params = {}
+  for i, name in enumerate(('centralized', 'single-beta', 'single-gamma')):
+    params[name] = jax.device_get(model.init({'params': jax.random.key(i)},
+                                             jnp.zeros((1, 4), jnp.int32),
+                                             deterministic=True)['params'])
+    os.makedirs(os.path.join(root, name))
+    if name.startswith('single-'):
+      hf.export_hf(params[name], mc, os.path.join(root, name, 'final'))
+      with open(os.path.join(root, name, 'train.json'), 'w') as f:
+        json.dump({'participants': [name.split('-')[1]]}, f)
+  return config, mc, params['centralized']
+
+
+def test_evaluate_scores_windows_against_reference_models(tiny_data, tmp_path):
+  config, mc, params = _study_with_references(str(tmp_path), tiny_data)
+  config.eval.membership.window = 8
+  ctx = interface.Context(
+      config=config, run_dir=str(tmp_path / 'centralized'), model='final',
+      eval_dir=str(tmp_path / 'centralized'), out_dir='', params=params, model_config=mc,
+      tokenizer=tokenizer_lib.load_tokenizer(tiny_data), data_dir=tiny_data,
+      names=list(TINY_PARTICIPANTS), score=None, seq_len=32)
+  out = membership.evaluate(ctx)
+  assert out['unit'] == 'window' and out['settings']['fprs'] == [0.001, 0.01]
+  alpha, beta, gamma = (out['participants'][p] for p in TINY_PARTICIPANTS)
+  # Alpha: both singles never saw it; beta: only single-gamma; gamma: only single-beta.
+  assert [os.path.basename(os.path.dirname(f)) for f in alpha['references']] == [
+      'single-beta', 'single-gamma']
+  assert len(beta['references']) == len(gamma['references']) == 1
+  for part in (alpha, beta, gamma):
+    assert set(part['scores']) == set(attacks.SCORES)
+    for a in part['scores'].values():
+      assert 0 <= a['auroc'] <= 1 and a['auroc_ci'][0] <= a['auroc'] <= a['auroc_ci'][1]
+      assert a['tpr_at']['0.01']['nonmembers'] == part['nonmembers']
+      assert a['roc']['fpr'][0] == 0 and a['roc']['tpr'][-1] == 1
+    assert 0 <= part['dataset_inference']['p_value'] <= 1
+  # The same inputs give the same section (seeded bootstrap and dataset inference).
+  assert membership.evaluate(ctx) == out
+  views = [{'run': 'centralized', 'model': 'final', 'setting': 'centralized',
+            'participants': list(TINY_PARTICIPANTS), 'membership': out}]
+  tables = {t.stem: t for t in membership.EVALUATOR.tables(views)}
+  assert len(tables['membership'].rows) == 3 * len(attacks.SCORES)
+  assert len(tables['dataset_inference'].rows) == 3
+  assert any('FP of' in cell for row in tables['membership'].rows for cell in row)
+  # No reference left (every single run gone): the table says so, the scores still come.
+  config.eval.membership.references = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='membership.references'):
+    membership.evaluate(ctx)

@@ -83,7 +83,7 @@ def test_every_run_appears_in_every_table(finished):
   figures = plots.write_figures(workdir)
   assert {os.path.basename(p) for p in figures} == {
       'memorization.png', 'incremental_orders.png', 'loss_curves.png', 'forgetting.png',
-      'memorization_vs_fit.png'}
+      'memorization_vs_fit.png', 'roc.png'}
 
 
 def test_rerun_is_a_no_op_and_tables_are_byte_identical(finished):
@@ -141,16 +141,15 @@ def test_a_changed_config_is_not_served_from_old_runs(finished):
   # Evaluation: only the changed part is recomputed, under its new settings.
   mem_before = os.path.getmtime(os.path.join(folder, 'memorization', 'result.json'))
   changed = config.copy_and_resolve_references()
-  changed.eval.membership.max_files = 3
+  changed.eval.membership.window = 16
   cfg = study.run_config(changed, study.RunSpec('centralized', {'setting': 'centralized'}),
                          workdir)
   r = study.run_one(cfg, folder)
-  assert r['membership']['settings']['max_files'] == 3
-  assert all(m['members'] <= 3 for m in r['membership']['participants'].values() if m)
+  assert r['membership']['settings']['window'] == 16
   assert os.path.getmtime(os.path.join(folder, 'memorization', 'result.json')) == mem_before
   assert study.run_one(study.run_config(config, study.RunSpec(
       'centralized', {'setting': 'centralized'}), workdir), folder)['membership'][
-          'settings']['max_files'] == config.eval.membership.max_files
+          'settings']['window'] == config.eval.membership.window
 
 
 def test_evaluation_and_tables_follow_what_was_trained(finished, tmp_path):
@@ -298,6 +297,29 @@ def test_dp_noise_multipliers_add_one_dp_fedavg_run_each(tmp_path):
     study.expand(config)
 
 
+def test_dp_run_canary_audit_stays_below_the_accountants_epsilon(tmp_path):
+  """A DP-FedAvg run built for the check: canaries planted 1 and 20 times in each
+  participant's training data; the canaries' empirical epsilon (a 95% lower bound) must
+  not exceed the accountant's epsilon at the same delta."""
+  config = micro_study_config(str(tmp_path))
+  config.study.settings = ('federated',)
+  config.study.dp_noise_multipliers = (1.0,)
+  config.study.snapshot_runs, config.study.figures = (), False
+  config.data.canaries.repeats, config.data.canaries.per_repeat = (1, 20), 4
+  config.data.canaries.alphabet, config.data.canaries.length = 'abcdef', 3
+  config.federated.rounds = 3
+  config.eval.passk.enabled = config.eval.memorization.enabled = False
+  config.eval.extractability.enabled = config.eval.membership.enabled = False
+  config.eval.canaries.candidates = 200
+  study.run_study(config, str(tmp_path / 'study'))
+  with open(tmp_path / 'study' / 'federated-dp-z1.0' / 'results.json') as f:
+    r = json.load(f)
+  audit, eps = r['canaries']['epsilon_audit'], r['privacy']['epsilon']
+  assert audit['members'] == 16 and audit['nonmembers'] == 16 * 200
+  assert audit['delta'] == r['privacy']['delta'] and eps is not None
+  assert 0.0 <= audit['epsilon_lower_bound'] <= eps, (audit, eps)
+
+
 def _privacy_runs():
   """Synthetic results.json contents: two plain runs and DP runs at z = 2, 0.5 and 0."""
   def run(name, ppl, exposure, auroc, privacy=None):
@@ -309,9 +331,16 @@ def _privacy_runs():
         'privacy': privacy,
         'canaries': {'log2_space': 16.0, 'by_repeats': by, 'participants': {
             p: {'by_repeats': by} for p in 'abc'}},
-        'membership': {'settings': {'fpr': 0.01}, 'participants': {p: {
-            'members': 5, 'nonmembers': 4, 'loss': {'auroc': auroc, 'tpr_at_fpr': 0.2},
-            'min_k': {'auroc': auroc - 0.1, 'tpr_at_fpr': 0.0}} for p in 'ab'}}}
+        'membership': {'settings': {'fprs': [0.01]}, 'unit': 'window', 'participants': {p: {
+            'members': 5, 'nonmembers': 4, 'ambiguous': {'member': 1, 'nonmember': 0},
+            'references': [], 'dataset_inference': {'p_value': 0.5, 'sequences_needed': None},
+            'scores': {'loss': {'auroc': auroc, 'auroc_ci': [auroc - 0.1, auroc],
+                                'tpr_at': {'0.01': {'tpr': 0.2, 'nonmembers': 4,
+                                                    'false_positives_allowed': 0}}},
+                       'min_k': {'auroc': auroc - 0.1, 'auroc_ci': [auroc - 0.2, auroc],
+                                 'tpr_at': {'0.01': {'tpr': 0.0, 'nonmembers': 4,
+                                                     'false_positives_allowed': 0}}}}}
+            for p in 'ab'}}}
 
   def dp(z, eps):
     return {'epsilon': eps, 'delta': 1e-5, 'noise_multiplier': z, 'clip_norm': 1.0,
@@ -340,12 +369,15 @@ def test_privacy_tables_from_results():
   assert canaries.header[-3:] == ['exposure 1x', 'exposure 10x', 'exposure 100x']
   assert canaries.rows[2] == ['centralized', 'final', 'c', 'no', '3.00', '6.00',
                               '12.00']  # Not trained on.
-  (mia,) = membership.EVALUATOR.tables(views)
-  assert mia.header[6] == 'TPR@1%FPR % loss'
-  assert mia.rows[0] == ['centralized', 'final', 'a', 'yes', '5 / 4', '0.900', '20.0',
-                         '0.800', '0.0']
+  mia, di = membership.EVALUATOR.tables(views)
+  assert mia.header[-1] == 'TPR % at 1% FPR'
+  assert mia.rows[0] == ['centralized', 'final', 'a', 'yes', '5 / 4 (1 / 0)', 'loss',
+                         '0.900 [0.800, 0.900]', '20.0 (0 FP of 4)']
+  assert di.rows[0] == ['centralized', 'final', 'a', 'yes', '0.5', '> all', '5 / 4',
+                        'none left']
   assert set(tables.all_tables(runs, {})) == {'effectiveness', 'memorization', 'privacy',
-                                              'canaries', 'membership', 'findings'}
+                                              'canaries', 'membership', 'dataset_inference',
+                                              'findings'}
 
 
 def test_existing_tables_are_unchanged_by_privacy_results():

@@ -47,14 +47,28 @@ SOURCES = {
                    'pkg:rich/rich/theme.py', 'pkg:rich/rich/containers.py',
                    'pkg:rich/rich/padding.py'),
 }
-# The versions the shipped corpus was copied from ('python': the stdlib's).
+# Held-out files of the same organizations (configs/corpus/heldout): no run trains on
+# them; membership inference draws non-member windows from them (collab.study builds
+# WORKDIR/data-heldout with the study's tokenizer). Other modules of the same releases,
+# none of them vendored by another organization here.
+HELDOUT_SOURCES = {
+    'psf': ('pkg:requests/requests/auth.py', 'pkg:requests/requests/cookies.py'),
+    'pypa': ('pkg:packaging/packaging/requirements.py', 'pkg:packaging/packaging/utils.py',
+             'pkg:packaging/packaging/_manylinux.py'),
+    'textualize': ('pkg:rich/rich/panel.py', 'pkg:rich/rich/align.py',
+                   'pkg:rich/rich/box.py'),
+}
+CORPORA = {'default': SOURCES, 'heldout': HELDOUT_SOURCES}
+# The versions the shipped corpora were copied from ('python': the stdlib's).
 PINS = {'requests': '2.34.2', 'pip': '26.3', 'packaging': '26.4', 'rich': '15.0.0',
         'python': '3.11.7'}
 # SPDX ids of the packages pip vendors here (pip's own metadata gives only pip's MIT).
 VENDORED_LICENSES = {'requests': 'Apache-2.0', 'tomli': 'MIT', 'rich': 'MIT'}
 
-_OUT = flags.DEFINE_string('out', os.path.join(os.path.dirname(__file__), 'default'),
-                           'The corpus folder to (re)write.')
+_CORPUS = flags.DEFINE_enum('corpus', 'default', list(CORPORA),
+                            'Which corpus: the study\'s training sources or its held-out files.')
+_OUT = flags.DEFINE_string('out', '', 'The corpus folder to (re)write; default '
+                           'configs/corpus/<corpus>.')
 
 
 def installed_version(package: str) -> str:
@@ -196,10 +210,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   check_pins()
-  written = vendor(_OUT.value)
-  kb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(_OUT.value)
+  out = _OUT.value or os.path.join(os.path.dirname(__file__), _CORPUS.value)
+  written = vendor(out, CORPORA[_CORPUS.value])
+  kb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out)
            for f in fs) / 1024
-  print(f"{_OUT.value}: {len(written['files'])} files, {kb:.0f} KB in all, sha256 "
+  print(f"{out}: {len(written['files'])} files, {kb:.0f} KB in all, sha256 "
         f"{written['sha256']}")
 
 

@@ -189,11 +189,12 @@ def evaluate(texts: Sequence[str], memorized_by: Sequence[Collection[str]],
 
 # ---- The evaluator (collab/evals/interface.py): rankings of the clone audit's samples.
 
-def reference_folders(ctx) -> list:
-  """(folder, participants it saw) of the reference models config.eval.ranking.references
-  names: 'auto' is the study's single runs of each participant (at the run's seed), which
-  never saw the others; otherwise comma-separated Hugging Face folders that saw nobody."""
-  spec = str(ctx.config.eval.ranking.references).strip()
+def reference_folders(ctx, spec: str | None = None) -> list:
+  """(folder, participants it saw) of the reference models `spec` names (default:
+  config.eval.ranking.references): 'auto' is the study's single runs of each participant
+  (at the run's seed), which never saw the others; otherwise comma-separated Hugging Face
+  folders that saw nobody."""
+  spec = str(ctx.config.eval.ranking.references if spec is None else spec).strip()
   if spec != 'auto':
     return [(f.strip(), frozenset()) for f in spec.split(',') if f.strip()]
   study, name = os.path.split(os.path.abspath(ctx.run_dir))

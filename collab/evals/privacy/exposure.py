@@ -95,8 +95,25 @@ def secret_losses(score: Callable, encode: Callable, eot_id: int,
   return out
 
 
+def epsilon_audit(rows: Sequence[dict], candidate_losses: Sequence[np.ndarray],
+                  delta: float, confidence: float = 0.95) -> dict:
+  """An empirical lower bound on epsilon (Jagielski et al. 2020) from the canaries: the
+  planted secrets are members, the candidate secrets (uniform draws from the same space,
+  never planted) non-members, each scored by minus its loss. Under (epsilon, delta)-DP
+  at the level of a canary's unit (a client holds all its participant's canaries) no
+  threshold may separate them by more than the bound allows."""
+  members = [-x['loss'] for x in rows]
+  nonmembers = np.concatenate([-np.asarray(c, np.float64) for c in candidate_losses]
+                              ) if len(candidate_losses) else np.zeros(0)
+  if not members or not len(nonmembers):
+    return None
+  from collab.evals.privacy import attacks
+  return attacks.epsilon_lower_bound(members, nonmembers, delta, confidence)
+
+
 def evaluate(score: Callable, encode: Callable, eot_id: int, meta: dict, *,
-             candidates: int, seed: int, participants: Sequence[str] | None = None) -> dict:
+             candidates: int, seed: int, participants: Sequence[str] | None = None,
+             delta: float = 0.0) -> dict:
   """results['canaries']: every canary's exposure, and means by participant and repeats.
 
   `score(sequences) -> logprobs_T each` (collab.evals.generation.scoring.make_scorer); `meta` is
@@ -115,8 +132,10 @@ def evaluate(score: Callable, encode: Callable, eot_id: int, meta: dict, *,
       secrets.append((c['prefix'], [c['secret']] + others))
   losses = secret_losses(score, encode, eot_id, secrets)
   out = {name: {'canaries': []} for name in names}
+  candidate_losses = []
   for name, c, exact, j in jobs:
     own, others = losses[j][0], losses[j][1:]
+    candidate_losses.append(others)
     r = rank(own, others, space, exact)
     out[name]['canaries'].append({
         'id': c['id'], 'repeats': c['repeats'], 'loss': float(own), 'rank': r,
@@ -127,7 +146,8 @@ def evaluate(score: Callable, encode: Callable, eot_id: int, meta: dict, *,
   return {'alphabet': alphabet, 'length': length, 'space_size': space,
           'log2_space': math.log2(space), 'candidates': int(candidates), 'seed': int(seed),
           'exact': all(x['exact'] for x in every), 'participants': out,
-          'by_repeats': _mean_by_repeats(every)}
+          'by_repeats': _mean_by_repeats(every),
+          'epsilon_audit': epsilon_audit(every, candidate_losses, delta)}
 
 
 def _mean_by_repeats(rows: Sequence[dict]) -> dict:
@@ -145,10 +165,18 @@ def _compute(ctx) -> dict | None:
   meta = canaries_lib.load(ctx.data_dir)
   if meta is None:
     return None  # A data folder without canaries: nothing to measure.
+  dp = ctx.config.federated.dp if ctx.config.get('federated') else None
+  delta = float(dp.delta) if dp is not None and dp.enabled else 0.0
   return evaluate(ctx.score, tokenizer_lib.make_encoder(ctx.tokenizer),
                   tokenizer_lib.eot_id(ctx.tokenizer), meta,
                   candidates=int(ctx.config.eval.canaries.candidates),
-                  seed=int(ctx.config.seed))
+                  seed=int(ctx.config.seed), delta=delta)
+
+
+def empirical_epsilon(view: dict):
+  """The canaries' empirical lower bound on epsilon (None without canaries)."""
+  audit = (view.get('canaries') or {}).get('epsilon_audit') or {}
+  return audit.get('epsilon_lower_bound')
 
 
 def exposure_of(view: dict, repeats: int, participant: str | None = None):

@@ -1,70 +1,41 @@
-"""Membership inference per participant: its training files (members) against its
-validation files (non-members), scored by the model alone.
+"""Membership and dataset inference per participant: was this window, and was this
+organization's code, in the model's training data?
 
-Scores, each oriented so that higher means "member":
-  loss   minus the mean next-token NLL of the file (Yeom et al. 2018: members have
-         lower loss);
-  min_k  Min-K% Prob (Shi et al. 2024): the mean log-probability of the k share of
-         the file's tokens the model finds least likely (k = 0.2 by default; at least
-         one token), so a few surprising tokens betray a non-member.
-A file is scored on its first `seq_len` tokens (the data's block length) after the
-end-of-text token that starts every file in training: the model's context as trained,
-one fixed-size row per file. Up to `max_files` files per side are drawn (seeded);
-canary files (license 'canary') are never drawn.
+Units (config.eval.membership.unit):
+  'window' (default)  non-overlapping windows of `window` tokens of the built blocks
+                      (collab/evals/privacy/windows.py), scored in the context they were
+                      trained in: members from the participant's training blocks,
+                      non-members from its validation blocks and, where the study built
+                      them, from held-out files of the same organization that no run
+                      trains on (DATA_DIR/../data-heldout, config.eval.membership.heldout).
+                      Windows whose tokens also occur in another split or another
+                      participant's data are ambiguous and left out (counted).
+  'file'              each file's first seq_len tokens after its end-of-text, training
+                      files against validation files (the units of earlier versions).
 
-Attack quality per score: AUROC (the probability that a random member outscores a
-random non-member, ties counting half: the Mann-Whitney U over both counts) and the
-true-positive rate at a false-positive rate of at most `fpr` (1%): with
-k = floor(fpr * non-members), the threshold t is the (k+1)-th highest non-member score
-and TPR = share of members scoring strictly above t (the ROC curve's best point with
-FPR <= fpr).
+Scores (collab/evals/privacy/attacks.py): loss, zlib, Min-K%, Min-K%++ from the target
+model alone, all from one forward pass per block; offline LiRA and RMIA against
+reference models that never saw the participant (config.eval.membership.references:
+'auto' = the study's single runs of the other participants; or Hugging Face folders that
+saw nobody). RMIA's population is the other participants' non-member windows. Reported
+per score: AUROC with a bootstrap 95% interval, the TPR at each of `fprs` with the number
+of non-members behind it, the ROC curve; per participant, Maini et al.'s dataset
+inference over every score.
 """
 
-import math
+import os
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from collab.data import canaries as canaries_lib
 from collab.evals import interface
+from collab.evals.privacy import attacks
+from collab.evals.privacy import windows as windows_lib
 
-SCORES = ('loss', 'min_k')
-
-
-def loss_score(logprobs_T) -> float:
-  """Minus the mean NLL of a file's tokens (higher: more likely a member)."""
-  return float(np.mean(logprobs_T))
-
-
-def min_k_score(logprobs_T, k: float = 0.2) -> float:
-  """Min-K% Prob: mean log-probability of the max(1, floor(k * T)) least likely tokens."""
-  if not 0 < k <= 1:
-    raise ValueError(f'config.eval.membership.min_k={k} must be in (0, 1].')
-  lp = np.sort(np.asarray(logprobs_T, np.float64))
-  return float(np.mean(lp[:max(1, int(len(lp) * k))]))
-
-
-def auroc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
-  """P(member score > non-member score) + P(tie) / 2, from ranks (Mann-Whitney U)."""
-  m, n = np.asarray(members, np.float64), np.asarray(nonmembers, np.float64)
-  if not len(m) or not len(n):
-    raise ValueError('AUROC needs at least one member and one non-member score.')
-  ranks = scipy_stats.rankdata(np.concatenate([m, n]))  # Ties get their mean rank.
-  u = float(np.sum(ranks[:len(m)])) - len(m) * (len(m) + 1) / 2
-  return u / (len(m) * len(n))
-
-
-def tpr_at_fpr(members: Sequence[float], nonmembers: Sequence[float],
-               fpr: float = 0.01) -> float:
-  """Highest TPR whose FPR is at most `fpr` (predict member when score > threshold)."""
-  m, n = np.asarray(members, np.float64), np.sort(np.asarray(nonmembers, np.float64))[::-1]
-  if not len(m) or not len(n):
-    raise ValueError('TPR at FPR needs at least one member and one non-member score.')
-  allowed = int(math.floor(fpr * len(n) + 1e-9))  # Non-members allowed above the bar.
-  if allowed >= len(n):
-    return 1.0
-  return float(np.mean(m > n[allowed]))
+SCORES = attacks.SCORES
+HELDOUT_DATA = 'data-heldout'  # Beside the study's data folder.
+ROC_POINTS = 200  # Points of each stored ROC curve (log-spaced in FPR).
 
 
 def sample_files(records: Sequence[dict], max_files: int, seed: int, tag: str) -> list:
@@ -74,105 +45,279 @@ def sample_files(records: Sequence[dict], max_files: int, seed: int, tag: str) -
   for i in order.tolist():
     if max_files and len(out) >= max_files:
       break
-    record = records[i]
-    if not canaries_lib.is_canary(record):
-      out.append(record)
+    if not canaries_lib.is_canary(records[i]):
+      out.append(records[i])
   return out
 
 
-def file_sequences(texts: Sequence[str], encode: Callable, eot_id: int,
-                   seq_len: int) -> list:
-  """[end-of-text] + the file's tokens, cut to seq_len; files with no token are dropped."""
-  return [[eot_id] + [int(t) for t in ids[:seq_len - 1]] for ids in encode(list(texts))
-          if len(ids)]
+class Units:
+  """The units of one participant and side: the token sequences a model scores (blocks
+  or files) and, per unit, its sequence, its rows of that sequence's predictions, its
+  tokens and whether it is ambiguous."""
+
+  def __init__(self, sequences, spans, tokens, ambiguous):
+    self.sequences = sequences  # [[token id]]: what is scored, each once.
+    self.spans = spans  # [(sequence index, first row, end row)] per unit.
+    self.tokens = tokens  # [token ids] per unit (its text, for zlib).
+    self.ambiguous = np.asarray(ambiguous, bool)
+
+  def rows(self, per_sequence: Sequence[np.ndarray]) -> list:
+    return [per_sequence[i][a:b] for i, a, b in self.spans]
 
 
-def attack(members: Sequence[float], nonmembers: Sequence[float], fpr: float) -> dict:
-  return {'auroc': auroc(members, nonmembers), 'tpr_at_fpr': tpr_at_fpr(members, nonmembers, fpr)}
-
-
-def participant_scores(score: Callable, encode: Callable, eot_id: int, data_dir: str,
-                       participant: str, *, max_files: int, seq_len: int, k: float,
-                       seed: int) -> dict:
-  """{'member'|'nonmember': {'loss': [...], 'min_k': [...]}} of one participant's files."""
+def window_units(data_dirs: Sequence[str], names, width: int, max_windows: int,
+                 seed: int) -> dict:
+  """{(participant, 'member'|'nonmember'): Units} of windows; non-members gather the
+  validation windows and those of every extra data folder (held-out files)."""
   out = {}
-  for side, split in (('member', 'train'), ('nonmember', 'valid')):
-    from collab.data import tfds_builder  # tensorflow-datasets: only to score.
-    records = sample_files(tfds_builder.load_split(data_dir, participant, split), max_files,
-                           seed, f'{participant}\0{split}')
-    logprobs = score(file_sequences([r['content'] for r in records], encode, eot_id, seq_len))
-    out[side] = {'loss': [loss_score(lp) for lp in logprobs],
-                 'min_k': [min_k_score(lp, k) for lp in logprobs]}
+  main = windows_lib.load(data_dirs[0], names, width, max_windows, seed,
+                          others=[(d, names) for d in data_dirs[1:]])
+  extra = [windows_lib.load(d, names, width, max_windows, seed, others=[(data_dirs[0], names)])
+           for d in data_dirs[1:]]
+  for p in names:
+    for side, parts in (('member', [main[p, 'train']]),
+                        ('nonmember', [main[p, 'valid']] + [e[p, s] for e in extra
+                                                            for s in ('train', 'valid')])):
+      sequences, spans, tokens, ambiguous = [], [], [], []
+      for w in parts:
+        blocks = {int(b): None for b in w.block_ids_N}
+        index = {}
+        for b in sorted(blocks):
+          index[b] = len(sequences)
+          sequences.append(w.blocks_NxL[b].tolist())
+        for b, o, toks, amb in zip(w.block_ids_N, w.offsets_N, w.tokens_NxW, w.ambiguous_N):
+          spans.append((index[int(b)], max(int(o) - 1, 0), int(o) + width - 1))
+          tokens.append(toks.tolist())
+          ambiguous.append(bool(amb))
+      out[p, side] = Units(sequences, spans, tokens, ambiguous)
   return out
 
 
-def evaluate(score: Callable, encode: Callable, eot_id: int, data_dir: str,
-             participants: Sequence[str], *, max_files: int, seq_len: int, k: float = 0.2,
-             fpr: float = 0.01, seed: int = 1) -> dict:
-  """results['membership']: AUROC and TPR at `fpr` per participant and score."""
-  if not 0 < fpr < 1:
-    raise ValueError(f'config.eval.membership.fpr={fpr} must be in (0, 1).')
+def file_units(data_dir: str, names, encode: Callable, eot_id: int, seq_len: int,
+               max_files: int, seed: int) -> dict:
+  """{(participant, side): Units} of files: [end-of-text] + the file's first tokens."""
+  from collab.data import tfds_builder  # tensorflow-datasets: only to read files.
   out = {}
-  for name in participants:
-    s = participant_scores(score, encode, eot_id, data_dir, name, max_files=max_files,
-                           seq_len=seq_len, k=k, seed=seed)
-    if not s['member']['loss'] or not s['nonmember']['loss']:
-      out[name] = None  # Nothing to compare (a side without scorable files).
-      continue
-    out[name] = {'members': len(s['member']['loss']),
-                 'nonmembers': len(s['nonmember']['loss']),
-                 'member_nll': -float(np.mean(s['member']['loss'])),
-                 'nonmember_nll': -float(np.mean(s['nonmember']['loss'])),
-                 **{kind: attack(s['member'][kind], s['nonmember'][kind], fpr)
-                    for kind in SCORES}}
-  return {'participants': out, 'scores': list(SCORES),
-          'settings': {'max_files': int(max_files), 'seq_len': int(seq_len), 'min_k': float(k),
-                       'fpr': float(fpr), 'seed': int(seed)}}
+  for p in names:
+    for side, split in windows_lib.SIDES:
+      records = sample_files(tfds_builder.load_split(data_dir, p, split), max_files, seed,
+                             f'{p}\0{split}')
+      seqs = [[eot_id] + [int(t) for t in ids[:seq_len - 1]]
+              for ids in encode([r['content'] for r in records]) if len(ids)]
+      out[p, side] = Units(seqs, [(i, 0, len(s) - 1) for i, s in enumerate(seqs)],
+                           [s[1:] for s in seqs], np.zeros(len(seqs), bool))
+  return out
 
 
-# ---- The evaluator (collab/evals/interface.py): loss and Min-K% attacks on files.
+def _phi(rows_U: Sequence[np.ndarray]) -> np.ndarray:
+  """Mean log-probability per token of each unit (log-probs in column 0, or alone)."""
+  return np.array([float(np.mean(r[:, 0] if np.ndim(r) == 2 else r)) for r in rows_U])
 
-def _compute(ctx) -> dict:
+
+def roc_points(members, nonmembers) -> dict:
+  """The ROC curve thinned to at most ROC_POINTS points, log-spaced in FPR."""
+  fpr, tpr = attacks.roc_curve(members, nonmembers)
+  if len(fpr) > ROC_POINTS:
+    grid = np.unique(np.r_[0.0, np.geomspace(max(fpr[fpr > 0].min(), 1e-6), 1.0,
+                                             ROC_POINTS - 1)])
+    tpr = np.interp(grid, fpr, tpr)  # Right-continuous steps are close enough to plot.
+    fpr = grid
+  return {'fpr': [round(float(x), 6) for x in fpr], 'tpr': [round(float(x), 6) for x in tpr]}
+
+
+def attack_report(members, nonmembers, fprs: Sequence[float], seed: int) -> dict:
+  return {'auroc': attacks.auroc(members, nonmembers),
+          'auroc_ci': attacks.auroc_ci(members, nonmembers, seed),
+          'tpr_at': {f'{f:g}': attacks.tpr_at_fpr(members, nonmembers, f) for f in fprs},
+          'roc': roc_points(members, nonmembers)}
+
+
+def participant_report(p: str, units: dict, target: dict, references: list, *,
+                       fprs, seed: int, rmia_a: float, rmia_gamma: float) -> dict:
+  """One participant's section: scores of its units under the target and the references
+  that never saw it, each attack's quality, and dataset inference."""
+  keep = {side: ~units[p, side].ambiguous for side in ('member', 'nonmember')}
+  scores = {side: {s: np.asarray(v)[keep[side]] for s, v in target[p, side].items()}
+            for side in keep}
+  entry = {'members': int(keep['member'].sum()), 'nonmembers': int(keep['nonmember'].sum()),
+           'ambiguous': {side: int((~k).sum()) for side, k in keep.items()}}
+  if not entry['members'] or not entry['nonmembers']:
+    return {**entry, 'scores': {}, 'dataset_inference': None, 'references': []}
+  blind = [r for r in references if p not in r['saw']]
+  entry['references'] = [r['folder'] for r in blind]
+  if blind:
+    others = [q for q, side in units if side == 'nonmember' and q != p]
+    pop = np.concatenate([target[q, 'nonmember']['loss'][~units[q, 'nonmember'].ambiguous]
+                          for q in others]) if others else np.zeros(0)
+    for side in keep:
+      ref_RxN = np.array([r['phi'][p, side][keep[side]] for r in blind])
+      scores[side]['lira'] = attacks.lira(scores[side]['loss'], ref_RxN)
+      if len(pop):
+        pop_ref = np.array([np.concatenate([r['phi'][q, 'nonmember'][
+            ~units[q, 'nonmember'].ambiguous] for q in others]) for r in blind])
+        scores[side]['rmia'] = attacks.rmia(scores[side]['loss'], ref_RxN, pop, pop_ref,
+                                            a=rmia_a, gamma=rmia_gamma)
+  entry['scores'] = {s: attack_report(scores['member'][s], scores['nonmember'][s], fprs,
+                                      seed) for s in SCORES if s in scores['member']}
+  entry['dataset_inference'] = attacks.dataset_inference(scores['member'],
+                                                         scores['nonmember'], seed)
+  return entry
+
+
+_REFERENCE_PHI = {}  # (folder, stamp, units key) -> phi: a study scores each reference once.
+
+
+def _reference_phi(folder: str, units: dict, units_key: tuple, vocab_multiple: int,
+                   batch_size: int) -> dict:
+  """{(participant, side): phi_U} of every unit under one reference model."""
+  key = (folder, _stamp(folder), units_key)
+  if key not in _REFERENCE_PHI:
+    from collab import hf
+    from collab.evals.generation import scoring
+    params, model_config = hf.import_hf(folder, vocab_multiple)
+    score = scoring.make_scorer(params, model_config, batch_size)
+    _REFERENCE_PHI[key] = {k: _phi(u.rows(score(u.sequences))) for k, u in units.items()}
+  return _REFERENCE_PHI[key]
+
+
+def _stamp(folder: str) -> str:
+  path = os.path.join(folder, 'model.safetensors')
+  return f'{os.path.getmtime(path)}:{os.path.getsize(path)}' if os.path.isfile(path) else ''
+
+
+def evaluate(ctx) -> dict:
+  """results['membership'] of one model (see the module docstring)."""
   from collab.data import tokenizer as tokenizer_lib
+  from collab.evals.generation import scoring
+  from collab.evals.memorization import ranking
   cfg = ctx.config.eval.membership
-  return evaluate(ctx.score, tokenizer_lib.make_encoder(ctx.tokenizer),
-                  tokenizer_lib.eot_id(ctx.tokenizer), ctx.data_dir, ctx.names,
-                  max_files=int(cfg.max_files), seq_len=ctx.seq_len, k=float(cfg.min_k),
-                  fpr=float(cfg.fpr), seed=int(ctx.config.seed))
+  fprs = tuple(float(f) for f in cfg.fprs)
+  if not all(0 < f < 1 for f in fprs):
+    raise ValueError(f'config.eval.membership.fprs={fprs} must each be in (0, 1).')
+  seed = int(ctx.config.seed)
+  heldout = _heldout_dir(ctx)
+  data_dirs = [ctx.data_dir] + ([heldout] if heldout else [])
+  if cfg.unit == 'window':
+    units = window_units(data_dirs, ctx.names, int(cfg.window), int(cfg.max_windows), seed)
+  elif cfg.unit == 'file':
+    units = file_units(ctx.data_dir, ctx.names, tokenizer_lib.make_encoder(ctx.tokenizer),
+                       tokenizer_lib.eot_id(ctx.tokenizer), ctx.seq_len, int(cfg.max_files),
+                       seed)
+  else:
+    raise ValueError(f"Unknown config.eval.membership.unit {cfg.unit!r}; use 'window' or "
+                     "'file'.")
+  stats = scoring.make_scorer(ctx.params, ctx.model_config, int(ctx.config.train.eval_batch_size),
+                              fn=scoring.token_stats)
+  decode = lambda ids: ctx.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+  target = {}
+  for key, u in units.items():
+    rows = u.rows(stats(u.sequences))
+    per = [attacks.model_scores(r[:, 0], r[:, 1], r[:, 2], decode(t), float(cfg.min_k))
+           for r, t in zip(rows, u.tokens)]
+    target[key] = {s: np.array([x[s] for x in per]) for s in attacks.MODEL_SCORES}
+  units_key = (tuple(data_dirs), cfg.unit, int(cfg.window), int(cfg.max_windows),
+               int(cfg.max_files), seed, tuple(ctx.names))
+  references = []
+  for folder, saw in ranking.reference_folders(ctx, str(cfg.references)):
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f'config.eval.membership.references names {folder!r}, which '
+                              'is not a folder; give Hugging Face GPT-2 folders or auto.')
+    phi = _reference_phi(folder, units, units_key,
+                         int(ctx.config.model.get('vocab_multiple', 1)),
+                         int(ctx.config.train.eval_batch_size))
+    references.append({'folder': folder, 'saw': saw, 'phi': phi})
+  parts = {p: participant_report(p, units, target, references, fprs=fprs, seed=seed,
+                                 rmia_a=float(cfg.rmia_a), rmia_gamma=float(cfg.rmia_gamma))
+           for p in ctx.names}
+  return {'participants': parts, 'scores': list(SCORES), 'unit': str(cfg.unit),
+          'settings': {'window': int(cfg.window), 'fprs': list(fprs), 'seed': seed,
+                       'heldout': len(data_dirs) > 1, 'min_k': float(cfg.min_k)}}
+
+
+# ---- The evaluator (collab/evals/interface.py).
+
+def _heldout_dir(ctx) -> str | None:
+  folder = os.path.join(os.path.dirname(os.path.abspath(ctx.data_dir)), HELDOUT_DATA)
+  return folder if ctx.config.eval.membership.heldout and os.path.isfile(
+      os.path.join(folder, 'manifest.json')) else None
+
+
+def _inputs(ctx) -> list:
+  """What the section depends on beyond its settings: the reference models and the
+  held-out data."""
+  from collab.data import blocks as blocks_lib
+  from collab.evals.memorization import ranking
+  heldout = _heldout_dir(ctx)
+  return [[[folder, _stamp(folder)] for folder, _ in
+           ranking.reference_folders(ctx, str(ctx.config.eval.membership.references))],
+          heldout and blocks_lib.load_manifest(heldout).get('inputs')]
 
 
 def mia_of(view: dict, score: str, key: str = 'auroc', participant: str | None = None):
-  """A membership-inference number: of one participant, or the mean over those trained on."""
+  """A membership number ('auroc', or 'tpr@F' for F in fprs): of one participant, or the
+  mean over the participants the model was trained on."""
   parts = ((view.get('membership') or {}).get('participants') or {})
   names = [participant] if participant else interface.trained_on(view)
-  return interface.mean([((parts.get(p) or {}).get(score) or {}).get(key) for p in names])
+
+  def value(p):
+    s = ((parts.get(p) or {}).get('scores') or {}).get(score) or {}
+    if key.startswith('tpr@'):
+      return ((s.get('tpr_at') or {}).get(key[4:]) or {}).get('tpr')
+    return s.get(key)
+  return interface.mean([value(p) for p in names])
+
+
+def _fmt_tpr(point: dict | None) -> str:
+  if not point:
+    return '–'
+  text = f"{100 * point['tpr']:.1f}"
+  # Fewer non-members than 1/FPR: the point is the TPR at zero false positives.
+  return text + (f" (0 FP of {point['nonmembers']})" if not point['false_positives_allowed']
+                 else f" ({point['false_positives_allowed']} FP of {point['nonmembers']})")
 
 
 def _tables(views: Sequence[dict]) -> list:
-  """AUROC and TPR at the configured FPR per run, model, participant and score."""
+  """membership.md: one row per run, model, participant and score; dataset_inference.md:
+  one per run, model and participant."""
   if not any(v.get('membership') for v in views):
     return []
-  fpr = next(v['membership']['settings']['fpr'] for v in views if v.get('membership'))
-  tpr = f'TPR@{100 * fpr:g}%FPR %'
-  header = ['run', 'model', 'participant', 'trained on', 'members / non-members',
-            'AUROC loss', f'{tpr} loss', 'AUROC min-k', f'{tpr} min-k']
-  rows, groups = [], interface.group_views(views)
+  first = next(v['membership'] for v in views if v.get('membership'))
+  fprs = first['settings']['fprs']
+  header = ['run', 'model', 'participant', 'trained on', 'members / non-members (ambiguous)',
+            'score', 'AUROC [95% CI]'] + [f'TPR % at {100 * f:g}% FPR' for f in fprs]
+  di_header = ['run', 'model', 'participant', 'trained on', 'p-value (one-sided Welch)',
+               'windows for p < 0.01', 'members / non-members', 'references']
+  rows, di_rows, groups = [], [], interface.group_views(views)
   for key in interface.privacy_ordered(groups):
-    group = groups[key]
-    parts = (group[0].get('membership') or {}).get('participants') or {}
+    view = groups[key][0]  # Seeds: the first (the table is per run, not a mean).
+    parts = (view.get('membership') or {}).get('participants') or {}
     for p, m in parts.items():
-      if not m:
-        continue
-      rows.append([*key, p, 'yes' if p in interface.trained_on(group[0]) else 'no',
-                   f"{m['members']} / {m['nonmembers']}"] + [
-          interface.fmt([mia_of(g, s, k, p) for g in group], *spec) for s in SCORES
-          for k, spec in (('auroc', (3,)), ('tpr_at_fpr', (1, True)))])
-  return [interface.Table('membership', 'Membership inference: training vs validation files',
-                          header, rows)]
+      trained = 'yes' if p in interface.trained_on(view) else 'no'
+      counts = (f"{m['members']} / {m['nonmembers']} "
+                f"({m['ambiguous']['member']} / {m['ambiguous']['nonmember']})")
+      if not m.get('scores'):
+        rows.append([*key, p, trained, counts, '–', '–'] + ['–'] * len(fprs))
+      for s, a in m.get('scores', {}).items():
+        lo, hi = a['auroc_ci']
+        rows.append([*key, p, trained, counts, s, f"{a['auroc']:.3f} [{lo:.3f}, {hi:.3f}]"]
+                    + [_fmt_tpr(a['tpr_at'].get(f'{f:g}')) for f in fprs])
+      di = m.get('dataset_inference') or {}
+      p_value = di.get('p_value')
+      di_rows.append([*key, p, trained, '–' if p_value is None else f'{p_value:.2g}',
+                      str(di.get('sequences_needed') or '> all'),
+                      f"{m['members']} / {m['nonmembers']}",
+                      str(len(m.get('references') or [])) if m.get('references')
+                      else 'none left'])
+  unit = first.get('unit', 'window')
+  return [interface.Table('membership', f'Membership inference per {unit}: training vs '
+                          'held-out (LiRA and RMIA against models that never saw the '
+                          'participant)', header, rows),
+          interface.Table('dataset_inference', "Dataset inference (Maini et al. 2024): was "
+                          "the participant's code in training?", di_header, di_rows)]
 
 
 EVALUATOR = interface.Evaluator(
-    name='membership', needs=frozenset({'scorer', 'data'}),
+    name='membership', needs=frozenset({'model', 'data'}),
     enabled=interface.enabled_flag('membership'),
     settings=interface.settings_of('membership'),
-    compute=_compute, tables=_tables)
+    compute=evaluate, tables=_tables, inputs=_inputs)

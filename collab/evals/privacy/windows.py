@@ -22,6 +22,7 @@ SIDES = (('member', 'train'), ('nonmember', 'valid'))
 
 class Windows(NamedTuple):
   """The windows of one participant and split."""
+  blocks_NxL: np.ndarray  # The split's blocks (memory-mapped).
   block_ids_N: np.ndarray  # Block of each window.
   offsets_N: np.ndarray  # First token of each window in its block.
   tokens_NxW: np.ndarray
@@ -44,19 +45,27 @@ def cut(blocks_NxL, width: int, max_windows: int, seed: int, tag: str) -> tuple:
   return block_N, offset_N
 
 
-def load(data_dir: str, names: Sequence[str], width: int, max_windows: int,
-         seed: int) -> dict:
-  """{(participant, split): Windows} of every participant's training and validation data."""
-  streams = {(p, s): blocks_lib.load_blocks(data_dir, p, s) for p in names for _, s in SIDES}
+def load(data_dir: str, names: Sequence[str], width: int, max_windows: int, seed: int,
+         others: Sequence[tuple] = ()) -> dict:
+  """{(participant, split): Windows} of every participant's training and validation data.
+
+  A window is ambiguous if its tokens occur in any other (participant, split) of this
+  folder or of `others` ((data folder, participants) pairs, e.g. the study's data for a
+  folder of held-out files).
+  """
+  streams = {(data_dir, p, s): blocks_lib.load_blocks(data_dir, p, s)
+             for p in names for _, s in SIDES}
+  elsewhere = {(d, p, s): blocks_lib.load_blocks(d, p, s)
+               for d, ps in others for p in ps for _, s in SIDES}
   out = {}
-  for (p, s), blocks_NxL in streams.items():
+  for (_, p, s), blocks_NxL in streams.items():
     block_N, offset_N = cut(blocks_NxL, width, max_windows, seed, f'{p}\0{s}')
     tokens_NxW = np.stack([blocks_NxL[b, o:o + width] for b, o in zip(block_N, offset_N)]
                           ) if len(block_N) else np.zeros((0, width), np.int64)
-    others = [v for k, v in streams.items() if k != (p, s) and len(v)]
-    ambiguous_N = (token_search.occurs_in(tokens_NxW, others) if others
+    rest = [v for k, v in {**streams, **elsewhere}.items() if k != (data_dir, p, s) and len(v)]
+    ambiguous_N = (token_search.occurs_in(tokens_NxW, rest) if rest and len(tokens_NxW)
                    else np.zeros(len(block_N), bool))
-    out[p, s] = Windows(block_N, offset_N, np.asarray(tokens_NxW), ambiguous_N)
+    out[p, s] = Windows(blocks_NxL, block_N, offset_N, np.asarray(tokens_NxW), ambiguous_N)
   return out
 
 
