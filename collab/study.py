@@ -259,6 +259,7 @@ def heldout_data_config(config, data_dir: str):
       p.sources = (spec.format(participant=p.name),)
       p.valid_sources = ()
     cfg.split = 'file'
+    cfg.canaries.repeats = ()  # Secrets planted in training files only.
     cfg.max_file_bytes = int(config.study.heldout_max_file_bytes)
     cfg.tokenizer.path = os.path.join(os.path.abspath(data_dir), 'tokenizer')
     cfg.data_dir = ''
@@ -268,18 +269,16 @@ def heldout_data_config(config, data_dir: str):
 def build_heldout(config, data_dir: str) -> None:
   """Builds DATA_DIR/../data-heldout (membership's extra non-members) if the study has
   held-out sources; rebuilt whenever the study's data (so its tokenizer) changes."""
-  cfg = heldout_data_config(config, data_dir)
-  if cfg is None:
-    return
   from collab.evals.privacy import membership
   folder = os.path.join(os.path.dirname(os.path.abspath(data_dir)), membership.HELDOUT_DATA)
-  main_inputs = blocks_lib.load_manifest(data_dir).get('inputs')
-  stamp = os.path.join(folder, 'tokenizer_of.json')
-  if os.path.isdir(folder) and (not os.path.isfile(stamp)
-                                or io.read_json(stamp) != {'inputs': main_inputs}):
-    shutil.rmtree(folder)  # Tokenized with another tokenizer: stale.
+  cfg = heldout_data_config(config, data_dir)
+  if cfg is None or not membership.heldout_current(folder, data_dir):
+    shutil.rmtree(folder, ignore_errors=True)  # None wanted, or another tokenizer's.
+  if cfg is None:
+    return
   build.build_data(cfg, folder)
-  io.atomic_write_json(stamp, {'inputs': main_inputs})
+  io.atomic_write_json(os.path.join(folder, membership.HELDOUT_STAMP),
+                       {'inputs': blocks_lib.load_manifest(data_dir).get('inputs')})
 
 
 @lock.holding_workdir  # One process per study folder; its runs lock their own folders.

@@ -49,6 +49,7 @@ def get_config(arg=None):
   # Small files under a 100 kB cap: many files per organization, so the membership
   # inference has more than a handful of validation files.
   c.data.participants = common.package_participants(MAX_BYTES_PER_PARTICIPANT)
+  c.study.heldout_sources = ''  # The held-out corpus holds the default organizations only.
   c.data.max_file_bytes = 4_000
   c.data.canaries.repeats = (1, 10, 100)  # Copies of each canary in the training files.
   c.data.canaries.per_repeat = 2  # Canaries per organization and repeat count.

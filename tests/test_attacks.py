@@ -58,7 +58,7 @@ def test_lira_is_the_gaussian_likelihood_test_in_order_and_value():
                              rtol=1e-12)
   # Few references: one global sigma, the deviations of every reference from its mean.
   few = refs[:2]
-  sigma = np.std(few - few.mean(axis=0))
+  sigma = np.sqrt(np.sum((few - few.mean(axis=0)) ** 2) / (few.shape[1] * (len(few) - 1)))
   np.testing.assert_allclose(attacks.lira(phi, few), (phi - few.mean(axis=0)) / sigma)
 
 

@@ -115,3 +115,29 @@ def test_evaluate_scores_windows_against_reference_models(tiny_data, tmp_path):
   config.eval.membership.references = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='membership.references'):
     membership.evaluate(ctx)
+
+
+def test_heldout_data_is_the_studys_tokenizer_without_canaries_and_goes_stale(tmp_path,
+                                                                             tiny_data):
+  from collab import io
+  from collab import study
+  from configs import default
+  config = default.get_config()
+  config.data.canaries.repeats = (1, 10)
+  cfg = study.heldout_data_config(config, str(tmp_path / 'data'))
+  assert [tuple(p.sources) for p in cfg.participants] == [
+      (f'corpus:heldout/{p}',) for p in ('psf', 'pypa', 'textualize')]
+  assert cfg.tokenizer.path == str(tmp_path / 'data' / 'tokenizer')
+  assert tuple(cfg.canaries.repeats) == () and tuple(config.data.canaries.repeats) == (1, 10)
+  config.study.heldout_sources = ''
+  assert study.heldout_data_config(config, str(tmp_path / 'data')) is None
+  # Built for another tokenizer (another data folder's inputs): not used.
+  folder = tmp_path / 'data-heldout'
+  folder.mkdir()
+  (folder / 'manifest.json').write_text('{}')
+  assert not membership.heldout_current(str(folder), tiny_data)
+  inputs = blocks_lib.load_manifest(tiny_data)['inputs']
+  io.atomic_write_json(str(folder / membership.HELDOUT_STAMP), {'inputs': inputs})
+  assert membership.heldout_current(str(folder), tiny_data)
+  io.atomic_write_json(str(folder / membership.HELDOUT_STAMP), {'inputs': 'other'})
+  assert not membership.heldout_current(str(folder), tiny_data)

@@ -63,9 +63,12 @@ def lira(phi_N, reference_phi_RxN) -> np.ndarray:
   mu_N = ref_RxN.mean(axis=0)
   if len(ref_RxN) >= MIN_REFS_PER_WINDOW:
     sigma_N = ref_RxN.std(axis=0, ddof=1)
-  else:  # Too few references per window: one sigma over every window's deviations.
-    sigma_N = np.full_like(mu_N, np.std(ref_RxN - mu_N, ddof=0) if len(ref_RxN) > 1
-                           else np.std(ref_RxN))
+  elif len(ref_RxN) > 1:  # Too few per window: one sigma from every window's deviations
+    # from its own mean (R - 1 degrees of freedom each).
+    sigma_N = np.full_like(mu_N, math.sqrt(np.sum((ref_RxN - mu_N) ** 2)
+                                           / (ref_RxN.shape[1] * (len(ref_RxN) - 1))))
+  else:  # One reference: its spread over the windows.
+    sigma_N = np.full_like(mu_N, np.std(ref_RxN))
   return (phi_N - mu_N) / np.maximum(sigma_N, 1e-6)
 
 
@@ -102,11 +105,27 @@ def auroc_ci(members, nonmembers, seed: int, resamples: int = 1000) -> list:
   every resample ranked at once."""
   m, n = np.asarray(members, np.float64), np.asarray(nonmembers, np.float64)
   rng = np.random.default_rng(seed)
-  both_RxK = np.concatenate([m[rng.integers(0, len(m), (resamples, len(m)))],
-                             n[rng.integers(0, len(n), (resamples, len(n)))]], axis=1)
-  ranks_RxK = scipy_stats.rankdata(both_RxK, axis=1)
-  values = ((ranks_RxK[:, :len(m)].sum(axis=1) - len(m) * (len(m) + 1) / 2)
-            / (len(m) * len(n)))
+  if len(m) * len(n) <= 4_000_000:
+    # Exact and fast: a resample is a multiplicity per unit, its AUROC w' C v / (sum w
+    # sum v) with C the win (1), tie (1/2) or loss (0) of each member against each
+    # non-member.
+    wins_MxN = (m[:, None] > n[None, :]) + 0.5 * (m[:, None] == n[None, :])
+    def multiplicities(size):  # [resamples, size]: each row a draw with replacement.
+      draws = rng.integers(0, size, (resamples, size)) + size * np.arange(resamples)[:, None]
+      return np.bincount(draws.ravel(), minlength=resamples * size).reshape(
+          resamples, size).astype(np.float64)
+    w_RxM, v_RxN = multiplicities(len(m)), multiplicities(len(n))
+    values = np.einsum('rn,rn->r', w_RxM @ wins_MxN, v_RxN) / (len(m) * len(n))
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+  values, chunk = [], max(1, 2_000_000 // (len(m) + len(n)))  # Bounded memory.
+  for start in range(0, resamples, chunk):
+    rows = min(chunk, resamples - start)
+    both_RxK = np.concatenate([m[rng.integers(0, len(m), (rows, len(m)))],
+                               n[rng.integers(0, len(n), (rows, len(n)))]], axis=1)
+    ranks_RxK = scipy_stats.rankdata(both_RxK, axis=1)
+    values.append((ranks_RxK[:, :len(m)].sum(axis=1) - len(m) * (len(m) + 1) / 2)
+                  / (len(m) * len(n)))
+  values = np.concatenate(values)
   return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
@@ -211,34 +230,45 @@ def dataset_inference(member_scores: dict, nonmember_scores: dict, seed: int, *,
 
 # ---- An empirical lower bound on epsilon (Jagielski et al. 2020).
 
-def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple:
-  """Two-sided Clopper-Pearson interval of a binomial proportion."""
+def clopper_pearson(successes, trials, confidence: float) -> tuple:
+  """Two-sided Clopper-Pearson interval of binomial proportions (arrays welcome)."""
+  k, n = np.asarray(successes, np.float64), np.asarray(trials, np.float64)
   tail = (1.0 - confidence) / 2
-  lo = 0.0 if successes == 0 else scipy_stats.beta.ppf(tail, successes, trials - successes + 1)
-  hi = 1.0 if successes == trials else scipy_stats.beta.ppf(1 - tail, successes + 1,
-                                                             trials - successes)
-  return float(lo), float(hi)
+  with np.errstate(invalid='ignore'):
+    lo = np.where(k == 0, 0.0, scipy_stats.beta.ppf(tail, k, n - k + 1))
+    hi = np.where(k == n, 1.0, scipy_stats.beta.ppf(1 - tail, k + 1, n - k))
+  return lo, hi
 
 
 def epsilon_lower_bound(members, nonmembers, delta: float, confidence: float = 0.95) -> dict:
-  """The largest epsilon any threshold of the scores certifies at `confidence`.
+  """A lower bound on epsilon that holds at `confidence` over every threshold at once.
 
-  A (epsilon, delta)-DP mechanism bounds every test: TPR <= e^epsilon FPR + delta and
-  (1 - FPR) <= e^epsilon (1 - TPR) + delta. With Clopper-Pearson bounds on TPR (lower)
-  and FPR (upper) at each threshold, epsilon >= log((TPR_lo - delta) / FPR_hi) and the
-  same for the complementary test. Thresholds are tried at every distinct score, so the
-  confidence is per threshold, as in Jagielski et al.'s audits.
+  A (epsilon, delta)-DP mechanism bounds every test between a member and a non-member
+  world: TPR <= e^epsilon FPR + delta and TNR <= e^epsilon FNR + delta. At each threshold
+  (every distinct score) Clopper-Pearson bounds TPR from below and FPR from above; their
+  confidence is Bonferroni-corrected for the number of thresholds tried, so the largest
+  log((TPR_lo - delta) / FPR_hi) (or its complement) is a bound at `confidence` overall
+  (Jagielski et al. 2020), if the trials are independent, which one training run only
+  approximates (Steinke et al. 2023 analyse that case exactly).
   """
-  m, n = np.asarray(members, np.float64), np.asarray(nonmembers, np.float64)
+  m, n = np.sort(np.asarray(members, np.float64)), np.sort(np.asarray(nonmembers, np.float64))
+  out = {'epsilon_lower_bound': 0.0, 'threshold': None, 'confidence': float(confidence),
+         'members': int(len(m)), 'nonmembers': int(len(n)), 'delta': float(delta)}
+  if not len(m) or not len(n):
+    return out
+  t = np.unique(np.concatenate([m, n]))
+  tp = len(m) - np.searchsorted(m, t, side='left')  # Scores >= t.
+  fp = len(n) - np.searchsorted(n, t, side='left')
+  each = 1.0 - (1.0 - confidence) / (2 * len(t))  # Two one-sided bounds per threshold.
+  tpr_lo, _ = clopper_pearson(tp, len(m), 2 * each - 1)
+  _, fpr_hi = clopper_pearson(fp, len(n), 2 * each - 1)
+  tnr_lo, _ = clopper_pearson(len(n) - fp, len(n), 2 * each - 1)
+  _, fnr_hi = clopper_pearson(len(m) - tp, len(m), 2 * each - 1)
   best, at = 0.0, None
-  for t in np.unique(np.concatenate([m, n])):
-    tp, fp = int(np.sum(m >= t)), int(np.sum(n >= t))
-    tpr_lo, _ = clopper_pearson(tp, len(m), confidence)
-    _, fpr_hi = clopper_pearson(fp, len(n), confidence)
-    tnr_lo, _ = clopper_pearson(len(n) - fp, len(n), confidence)
-    _, fnr_hi = clopper_pearson(len(m) - tp, len(m), confidence)
-    for num, den in ((tpr_lo - delta, fpr_hi), (tnr_lo - delta, fnr_hi)):
-      if num > 0 and den > 0 and math.log(num / den) > best:
-        best, at = math.log(num / den), float(t)
-  return {'epsilon_lower_bound': best, 'threshold': at, 'confidence': float(confidence),
-          'members': int(len(m)), 'nonmembers': int(len(n)), 'delta': float(delta)}
+  for num, den in ((tpr_lo - delta, fpr_hi), (tnr_lo - delta, fnr_hi)):
+    with np.errstate(divide='ignore', invalid='ignore'):
+      eps = np.where((num > 0) & (den > 0), np.log(np.maximum(num, 1e-300) / den), 0.0)
+    i = int(np.argmax(eps))
+    if eps[i] > best:
+      best, at = float(eps[i]), float(t[i])
+  return {**out, 'epsilon_lower_bound': best, 'threshold': at}

@@ -24,10 +24,12 @@ the loss starts after the longest shared token prefix).
 
 import itertools
 import math
+import os
 from typing import Callable, Sequence
 
 import numpy as np
 
+from collab import io
 from collab.data import canaries as canaries_lib
 from collab.evals import interface
 
@@ -113,7 +115,7 @@ def epsilon_audit(rows: Sequence[dict], candidate_losses: Sequence[np.ndarray],
 
 def evaluate(score: Callable, encode: Callable, eot_id: int, meta: dict, *,
              candidates: int, seed: int, participants: Sequence[str] | None = None,
-             delta: float = 0.0) -> dict:
+             delta: float = 0.0, trained_on: Sequence[str] | None = None) -> dict:
   """results['canaries']: every canary's exposure, and means by participant and repeats.
 
   `score(sequences) -> logprobs_T each` (collab.evals.generation.scoring.make_scorer); `meta` is
@@ -132,10 +134,12 @@ def evaluate(score: Callable, encode: Callable, eot_id: int, meta: dict, *,
       secrets.append((c['prefix'], [c['secret']] + others))
   losses = secret_losses(score, encode, eot_id, secrets)
   out = {name: {'canaries': []} for name in names}
-  candidate_losses = []
+  candidate_losses, audited = [], []  # The audit: canaries of participants trained on.
   for name, c, exact, j in jobs:
     own, others = losses[j][0], losses[j][1:]
-    candidate_losses.append(others)
+    if trained_on is None or name in trained_on:
+      candidate_losses.append(others)
+      audited.append({'loss': float(own)})
     r = rank(own, others, space, exact)
     out[name]['canaries'].append({
         'id': c['id'], 'repeats': c['repeats'], 'loss': float(own), 'rank': r,
@@ -147,7 +151,7 @@ def evaluate(score: Callable, encode: Callable, eot_id: int, meta: dict, *,
           'log2_space': math.log2(space), 'candidates': int(candidates), 'seed': int(seed),
           'exact': all(x['exact'] for x in every), 'participants': out,
           'by_repeats': _mean_by_repeats(every),
-          'epsilon_audit': epsilon_audit(every, candidate_losses, delta)}
+          'epsilon_audit': epsilon_audit(audited, candidate_losses, delta)}
 
 
 def _mean_by_repeats(rows: Sequence[dict]) -> dict:
@@ -167,10 +171,12 @@ def _compute(ctx) -> dict | None:
     return None  # A data folder without canaries: nothing to measure.
   dp = ctx.config.federated.dp if ctx.config.get('federated') else None
   delta = float(dp.delta) if dp is not None and dp.enabled else 0.0
+  info = os.path.join(ctx.run_dir, 'train.json')
+  trained_on = io.read_json(info).get('participants') if os.path.isfile(info) else None
   return evaluate(ctx.score, tokenizer_lib.make_encoder(ctx.tokenizer),
                   tokenizer_lib.eot_id(ctx.tokenizer), meta,
                   candidates=int(ctx.config.eval.canaries.candidates),
-                  seed=int(ctx.config.seed), delta=delta)
+                  seed=int(ctx.config.seed), delta=delta, trained_on=trained_on)
 
 
 def empirical_epsilon(view: dict):

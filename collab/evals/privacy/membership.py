@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from collab import io
 from collab.data import canaries as canaries_lib
 from collab.evals import interface
 from collab.evals.privacy import attacks
@@ -35,6 +36,7 @@ from collab.evals.privacy import windows as windows_lib
 
 SCORES = attacks.SCORES
 HELDOUT_DATA = 'data-heldout'  # Beside the study's data folder.
+HELDOUT_STAMP = 'tokenizer_of.json'  # The study data's inputs it was tokenized for.
 ROC_POINTS = 200  # Points of each stored ROC curve (log-spaced in FPR).
 
 
@@ -149,9 +151,14 @@ def participant_report(p: str, units: dict, target: dict, references: list, *,
     others = [q for q, side in units if side == 'nonmember' and q != p]
     pop = np.concatenate([target[q, 'nonmember']['loss'][~units[q, 'nonmember'].ambiguous]
                           for q in others]) if others else np.zeros(0)
+    refs = {side: np.array([r['phi'][p, side][keep[side]] for r in blind]) for side in keep}
+    # One fit over both sides: LiRA's global sigma (few references) must be one number.
+    both = attacks.lira(np.concatenate([scores['member']['loss'], scores['nonmember']['loss']]),
+                        np.concatenate([refs['member'], refs['nonmember']], axis=1))
+    scores['member']['lira'] = both[:entry['members']]
+    scores['nonmember']['lira'] = both[entry['members']:]
     for side in keep:
-      ref_RxN = np.array([r['phi'][p, side][keep[side]] for r in blind])
-      scores[side]['lira'] = attacks.lira(scores[side]['loss'], ref_RxN)
+      ref_RxN = refs[side]
       if len(pop):
         pop_ref = np.array([np.concatenate([r['phi'][q, 'nonmember'][
             ~units[q, 'nonmember'].ambiguous] for q in others]) for r in blind])
@@ -206,7 +213,8 @@ def evaluate(ctx) -> dict:
   else:
     raise ValueError(f"Unknown config.eval.membership.unit {cfg.unit!r}; use 'window' or "
                      "'file'.")
-  stats = scoring.make_scorer(ctx.params, ctx.model_config, int(ctx.config.train.eval_batch_size),
+  stats = scoring.make_scorer(ctx.params, ctx.model_config,
+                              int(ctx.config.train.eval_batch_size),
                               fn=scoring.token_stats)
   decode = lambda ids: ctx.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
   target = {}
@@ -215,8 +223,10 @@ def evaluate(ctx) -> dict:
     per = [attacks.model_scores(r[:, 0], r[:, 1], r[:, 2], decode(t), float(cfg.min_k))
            for r, t in zip(rows, u.tokens)]
     target[key] = {s: np.array([x[s] for x in per]) for s in attacks.MODEL_SCORES}
-  units_key = (tuple(data_dirs), cfg.unit, int(cfg.window), int(cfg.max_windows),
-               int(cfg.max_files), seed, tuple(ctx.names))
+  from collab.data import blocks as blocks_lib
+  units_key = (tuple((d, str(blocks_lib.load_manifest(d).get('inputs'))) for d in data_dirs),
+               cfg.unit, int(cfg.window), int(cfg.max_windows), int(cfg.max_files),
+               int(ctx.seq_len), seed, tuple(ctx.names))
   references = []
   for folder, saw in ranking.reference_folders(ctx, str(cfg.references)):
     if not os.path.isdir(folder):
@@ -236,10 +246,19 @@ def evaluate(ctx) -> dict:
 
 # ---- The evaluator (collab/evals/interface.py).
 
+def heldout_current(folder: str, data_dir: str) -> bool:
+  """A held-out data folder built with the tokenizer of the data folder as it is now."""
+  from collab.data import blocks as blocks_lib
+  stamp = os.path.join(folder, HELDOUT_STAMP)
+  return (os.path.isfile(os.path.join(folder, 'manifest.json')) and os.path.isfile(stamp)
+          and io.read_json(stamp) == {'inputs': blocks_lib.load_manifest(data_dir).get(
+              'inputs')})
+
+
 def _heldout_dir(ctx) -> str | None:
   folder = os.path.join(os.path.dirname(os.path.abspath(ctx.data_dir)), HELDOUT_DATA)
-  return folder if ctx.config.eval.membership.heldout and os.path.isfile(
-      os.path.join(folder, 'manifest.json')) else None
+  return folder if (ctx.config.eval.membership.heldout and ctx.config.eval.membership.unit
+                    == 'window' and heldout_current(folder, ctx.data_dir)) else None
 
 
 def _inputs(ctx) -> list:
