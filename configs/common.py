@@ -297,6 +297,9 @@ def eval_config() -> ml_collections.ConfigDict:
   # Non-members also from WORKDIR/data-heldout where the study built it (held-out files
   # of the same organizations, config.study.heldout_sources).
   c.membership.heldout = True
+  # Held-out windows per participant: a seeded choice of whole blocks holding at least
+  # this many (0: all); each scored block costs a forward pass per model evaluated.
+  c.membership.heldout_windows = 0
   # Fit: each model's mean token loss on every participant's own training blocks (the x
   # axis of memorization against fit).
   c.fit = ml_collections.ConfigDict()

@@ -77,7 +77,8 @@ def get_config(arg=None):
   c.study.fit_matching_rounds = (4 * ROUNDS,)
   # Membership inference: non-member windows also from held-out modules of the same
   # releases (configs/corpus/heldout, ~11k tokens per organization, never trained on):
-  # 200+ non-member windows of 32 tokens per participant instead of the validation
-  # file's 48-80.
+  # 200+ non-member windows of 32 tokens per participant (the validation file's 48-80
+  # and 176 or a few more of the held-out ones) where the validation file alone has 48-80.
   c.study.heldout_sources = 'corpus:heldout/{participant}'
+  c.eval.membership.heldout_windows = 176  # With the validation windows: 200+ in all.
   return c

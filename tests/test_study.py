@@ -374,7 +374,7 @@ def test_privacy_tables_from_results():
   assert mia.rows[0] == ['centralized', 'final', 'a', 'yes', '5 / 4 (1 / 0)', 'loss',
                          '0.900 [0.800, 0.900]', '20.0 (0 FP of 4)']
   assert di.rows[0] == ['centralized', 'final', 'a', 'yes', '0.5', '> all', '5 / 4',
-                        'none left']
+                        ' (none left)']
   assert set(tables.all_tables(runs, {})) == {'effectiveness', 'memorization', 'privacy',
                                               'canaries', 'membership', 'dataset_inference',
                                               'findings'}

@@ -67,19 +67,43 @@ class Units:
     return [per_sequence[i][a:b] for i, a, b in self.spans]
 
 
+def _some_blocks(parts: Sequence, windows: int, seed: int, tag: str) -> list:
+  """The parts (Windows) cut to a seeded choice of whole blocks holding at least
+  `windows` windows in all (0: all of them): scoring costs a pass per block."""
+  if not windows:
+    return list(parts)
+  blocks = [(i, b) for i, w in enumerate(parts) for b in np.unique(w.block_ids_N)]
+  order = canaries_lib.seeded_rng('membership-heldout', seed, tag).permutation(len(blocks))
+  keep, count = set(), 0
+  for j in order.tolist():
+    if count >= windows:
+      break
+    i, b = blocks[j]
+    keep.add((i, int(b)))
+    count += int(np.sum(parts[i].block_ids_N == b))
+  out = []
+  for i, w in enumerate(parts):
+    mask = np.array([(i, int(b)) in keep for b in w.block_ids_N], bool)
+    out.append(w._replace(block_ids_N=w.block_ids_N[mask], offsets_N=w.offsets_N[mask],
+                          tokens_NxW=w.tokens_NxW[mask], ambiguous_N=w.ambiguous_N[mask]))
+  return out
+
+
 def window_units(data_dirs: Sequence[str], names, width: int, max_windows: int,
-                 seed: int) -> dict:
+                 seed: int, heldout_windows: int = 0) -> dict:
   """{(participant, 'member'|'nonmember'): Units} of windows; non-members gather the
-  validation windows and those of every extra data folder (held-out files)."""
+  validation windows and those of every extra data folder (held-out files), of which a
+  seeded choice of whole blocks with at least `heldout_windows` windows (0: all)."""
   out = {}
   main = windows_lib.load(data_dirs[0], names, width, max_windows, seed,
                           others=[(d, names) for d in data_dirs[1:]])
   extra = [windows_lib.load(d, names, width, max_windows, seed, others=[(data_dirs[0], names)])
            for d in data_dirs[1:]]
   for p in names:
+    heldout = _some_blocks([e[p, s] for e in extra for s in ('train', 'valid')],
+                           heldout_windows, seed, p)
     for side, parts in (('member', [main[p, 'train']]),
-                        ('nonmember', [main[p, 'valid']] + [e[p, s] for e in extra
-                                                            for s in ('train', 'valid')])):
+                        ('nonmember', [main[p, 'valid']] + heldout)):
       sequences, spans, tokens, ambiguous = [], [], [], []
       for w in parts:
         blocks = {int(b): None for b in w.block_ids_N}
@@ -166,8 +190,16 @@ def participant_report(p: str, units: dict, target: dict, references: list, *,
                                             a=rmia_a, gamma=rmia_gamma)
   entry['scores'] = {s: attack_report(scores['member'][s], scores['nonmember'][s], fprs,
                                       seed) for s in SCORES if s in scores['member']}
-  entry['dataset_inference'] = attacks.dataset_inference(scores['member'],
-                                                         scores['nonmember'], seed)
+  # Held-out files are other modules than the training files: raw scores also separate
+  # them in models that never saw the participant (distribution shift). The reference
+  # scores subtract what models blind to it make of the same windows, so the test rests
+  # on them wherever there are references.
+  used = [s for s in attacks.REFERENCE_SCORES if s in scores['member']] or list(
+      attacks.MODEL_SCORES)
+  entry['dataset_inference'] = {
+      **attacks.dataset_inference({s: scores['member'][s] for s in used},
+                                  {s: scores['nonmember'][s] for s in used}, seed),
+      'calibrated': used != list(attacks.MODEL_SCORES)}
   return entry
 
 
@@ -205,7 +237,8 @@ def evaluate(ctx) -> dict:
   heldout = _heldout_dir(ctx)
   data_dirs = [ctx.data_dir] + ([heldout] if heldout else [])
   if cfg.unit == 'window':
-    units = window_units(data_dirs, ctx.names, int(cfg.window), int(cfg.max_windows), seed)
+    units = window_units(data_dirs, ctx.names, int(cfg.window), int(cfg.max_windows), seed,
+                         int(cfg.get('heldout_windows', 0)))
   elif cfg.unit == 'file':
     units = file_units(ctx.data_dir, ctx.names, tokenizer_lib.make_encoder(ctx.tokenizer),
                        tokenizer_lib.eot_id(ctx.tokenizer), ctx.seq_len, int(cfg.max_files),
@@ -226,6 +259,7 @@ def evaluate(ctx) -> dict:
   from collab.data import blocks as blocks_lib
   units_key = (tuple((d, str(blocks_lib.load_manifest(d).get('inputs'))) for d in data_dirs),
                cfg.unit, int(cfg.window), int(cfg.max_windows), int(cfg.max_files),
+               int(cfg.get('heldout_windows', 0)),
                int(ctx.seq_len), seed, tuple(ctx.names))
   references = []
   for folder, saw in ranking.reference_folders(ctx, str(cfg.references)):
@@ -305,7 +339,7 @@ def _tables(views: Sequence[dict]) -> list:
   header = ['run', 'model', 'participant', 'trained on', 'members / non-members (ambiguous)',
             'score', 'AUROC [95% CI]'] + [f'TPR % at {100 * f:g}% FPR' for f in fprs]
   di_header = ['run', 'model', 'participant', 'trained on', 'p-value (one-sided Welch)',
-               'windows for p < 0.01', 'members / non-members', 'references']
+               'windows for p < 0.01', 'members / non-members', 'scores (references)']
   rows, di_rows, groups = [], [], interface.group_views(views)
   for key in interface.privacy_ordered(groups):
     view = groups[key][0]  # Seeds: the first (the table is per run, not a mean).
@@ -325,14 +359,17 @@ def _tables(views: Sequence[dict]) -> list:
       di_rows.append([*key, p, trained, '–' if p_value is None else f'{p_value:.2g}',
                       str(di.get('sequences_needed') or '> all'),
                       f"{m['members']} / {m['nonmembers']}",
-                      str(len(m.get('references') or [])) if m.get('references')
-                      else 'none left'])
+                      (f"{', '.join(di.get('scores') or [])} "
+                       f"({len(m.get('references') or []) or 'none left'})")])
   unit = first.get('unit', 'window')
   return [interface.Table('membership', f'Membership inference per {unit}: training vs '
                           'held-out (LiRA and RMIA against models that never saw the '
                           'participant)', header, rows),
-          interface.Table('dataset_inference', "Dataset inference (Maini et al. 2024): was "
-                          "the participant's code in training?", di_header, di_rows)]
+          interface.Table('dataset_inference', "Dataset inference (Maini et al. 2024) on "
+                          "reference-calibrated scores: was the participant's code in "
+                          "training? (model-only scores where no reference is left: they "
+                          "also separate training from held-out files in models that never "
+                          "saw them)", di_header, di_rows)]
 
 
 EVALUATOR = interface.Evaluator(
