@@ -170,3 +170,10 @@ def test_welch_rows_equal_scipy():
   expected = [scipy_stats.ttest_ind(a, b, equal_var=False, alternative='greater').pvalue
               for a, b in zip(m, n)]
   np.testing.assert_allclose(attacks.welch_p_rows(m, n), expected, rtol=1e-10)
+
+
+def test_dataset_inference_never_turns_a_reversed_score_into_evidence():
+  rng = np.random.default_rng(7)
+  members = {'lira': rng.normal(-1.0, 1, 300)}  # Members score lower: not membership.
+  out = attacks.dataset_inference(members, {'lira': rng.normal(0, 1, 300)}, seed=0)
+  assert out['p_value'] == 1.0 and out['sequences_needed'] is None

@@ -179,11 +179,14 @@ def welch_p_rows(m_DxA, n_DxB) -> np.ndarray:
 
 
 def combine_weights(member_SxN, nonmember_SxM) -> np.ndarray:
-  """Weights of a linear combination of S scores: each score's standardized mean
-  difference over its pooled variance (a diagonal discriminant), fitted on one half."""
+  """Weights of a linear combination of S scores: each score's mean difference over its
+  pooled variance (a diagonal discriminant), fitted on one half, and never negative:
+  every score is oriented so that higher means member, so a score that separates the
+  sides the other way measures something else (e.g. a shift between the sets) and must
+  not be turned into evidence of membership."""
   m, n = np.asarray(member_SxN, np.float64), np.asarray(nonmember_SxM, np.float64)
   pooled = 0.5 * (m.var(axis=1) + n.var(axis=1))
-  return (m.mean(axis=1) - n.mean(axis=1)) / np.maximum(pooled, 1e-12)
+  return np.maximum((m.mean(axis=1) - n.mean(axis=1)) / np.maximum(pooled, 1e-12), 0.0)
 
 
 def dataset_inference(member_scores: dict, nonmember_scores: dict, seed: int, *,
@@ -211,6 +214,11 @@ def dataset_inference(member_scores: dict, nonmember_scores: dict, seed: int, *,
   center, scale = both.mean(axis=1, keepdims=True), np.maximum(both.std(axis=1, keepdims=True),
                                                                 1e-12)
   w = combine_weights((m_SxN[:, fit_m] - center) / scale, (n_SxM[:, fit_n] - center) / scale)
+  if not np.any(w > 0):  # No score puts the suspect windows above the held-out ones.
+    return {'p_value': 1.0, 'sequences_needed': None, 'alpha': float(alpha),
+            'members': int(m_SxN.shape[1]), 'nonmembers': int(n_SxM.shape[1]),
+            'tested': [int(len(test_m)), int(len(test_n))], 'scores': names,
+            'weights': [0.0] * len(names)}
   tm = w @ ((m_SxN[:, test_m] - center) / scale)
   tn = w @ ((n_SxM[:, test_n] - center) / scale)
   needed = None
