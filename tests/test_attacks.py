@@ -30,11 +30,20 @@ def test_a_repeated_member_outranks_non_members_under_every_score():
   planted = np.arange(5)
   phi_N[planted] += 2.0  # Memorized: far likelier under the target than anywhere else.
   population = rng.normal(-3.0, 0.3, (refs + 1, 100))
-  by_score = {
-      'loss': phi_N,
+  # Per-token views of the same windows (32 tokens): a memorized window's tokens are all
+  # likely, most of all where the model's own distribution is flat (Min-K%++).
+  texts = [f'x{i} = {i}' for i in range(n)]
+  model = []
+  for i in range(n):
+    lp_T = phi_N[i] + rng.normal(0, 0.3, 32)
+    model.append(attacks.model_scores(np.minimum(lp_T, 0), np.full(32, -3.0),
+                                      np.full(32, 1.0), texts[i]))
+  by_score = {s: np.array([m[s] for m in model]) for s in attacks.MODEL_SCORES}
+  by_score.update({
       'lira': attacks.lira(phi_N, ref_phi_RxN),
       'rmia': attacks.rmia(phi_N, ref_phi_RxN, population[0], population[1:]),
-  }
+  })
+  assert set(by_score) == set(attacks.SCORES)
   for name, values in by_score.items():
     top = set(np.argsort(-values, kind='stable')[:len(planted)].tolist())
     assert top == set(planted.tolist()), name

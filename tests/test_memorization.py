@@ -89,6 +89,20 @@ def audited(data_dir, tmp_path_factory):
   return config, workdir, result
 
 
+def test_dataset_inference_finds_the_trained_participant_only(audited):
+  """Dataset inference on a real model: it rejects the null for the participant the model
+  trained on (alpha) and not for the one it never saw (beta)."""
+  config, workdir, _ = audited
+  config.eval.membership.window = 16
+  result = evaluate.evaluate_part(config, workdir, 'membership')
+  alpha, beta = (result['participants'][p]['dataset_inference'] for p in ('alpha', 'beta'))
+  assert not alpha['calibrated']  # No study around it: no reference model left.
+  assert alpha['p_value'] < 0.01 and alpha['sequences_needed'] is not None
+  assert beta['p_value'] >= 0.01 and beta['sequences_needed'] is None
+  loss = result['participants']['alpha']['scores']['loss']
+  assert loss['auroc'] > 0.9 > result['participants']['beta']['scores']['loss']['auroc']
+
+
 def test_overfit_model_memorizes_its_participant_only(audited, data_dir):
   _, _, result = audited
   alpha, beta = result['participants']['alpha'], result['participants']['beta']

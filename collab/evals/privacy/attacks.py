@@ -196,8 +196,9 @@ def dataset_inference(member_scores: dict, nonmember_scores: dict, seed: int, *,
 
   Both sides are split in halves (seeded): the first fits the weights of the scores'
   combination, the second is tested with a one-sided Welch t-test. `sequences_needed` is
-  the smallest n of `sizes` at which the median p-value over `draws` seeded subsamples
-  of n windows per side of the second half falls below `alpha` (None: never).
+  the smallest n of `sizes` (then: every window the smaller side of the second half
+  has) at which the median p-value over `draws` seeded subsamples of n windows per side
+  falls below `alpha` (None: never).
   """
   names = sorted(set(member_scores) & set(nonmember_scores))
   m_SxN = np.array([member_scores[s] for s in names], np.float64)
@@ -221,10 +222,8 @@ def dataset_inference(member_scores: dict, nonmember_scores: dict, seed: int, *,
             'weights': [0.0] * len(names)}
   tm = w @ ((m_SxN[:, test_m] - center) / scale)
   tn = w @ ((n_SxM[:, test_n] - center) / scale)
-  needed = None
-  for size in sizes:
-    if size > min(len(tm), len(tn)):
-      break
+  needed, most = None, min(len(tm), len(tn))
+  for size in [x for x in sizes if x < most] + [most]:  # Ending with every window.
     pick_m = np.argsort(rng.random((draws, len(tm))), axis=1)[:, :size]  # Without
     pick_n = np.argsort(rng.random((draws, len(tn))), axis=1)[:, :size]  # replacement.
     if np.median(welch_p_rows(tm[pick_m], tn[pick_n])) < alpha:
