@@ -45,7 +45,8 @@ def get_config(arg=None):
   c.eval.memorization.max_prompts = 6  # Docstring prompts per organization.
   c.eval.memorization.samples_per_prompt = 5  # PROTOCOL's 5.
   c.eval.memorization.unprompted_samples = 0  # No extraction protocol.
-  c.study.snapshot_runs = ()  # No dose-response.
+  c.study.snapshot_runs = c.study.snapshot_clone_audit = ()  # No trajectories.
+  c.study.fit_matching_rounds = ()  # No fit-matched FedAvg run.
   # Small files under a 100 kB cap: many files per organization, so the membership
   # inference has more than a handful of validation files.
   c.data.participants = common.package_participants(MAX_BYTES_PER_PARTICIPANT)

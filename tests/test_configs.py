@@ -45,3 +45,16 @@ def test_paper_train_step_traces_at_gpt2_scale(loss_chunk):
   assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
   assert metrics['loss_sum'].dtype == jnp.float32
   assert {x.dtype for x in jax.tree_util.tree_leaves(new_state['params'])} == {jnp.dtype('float32')}
+
+
+@pytest.mark.parametrize('get_config', [default.get_config, paper.get_config,
+                                        privacy.get_config])
+def test_study_configs_expand_into_their_runs(get_config):
+  """A study config names only runs it has (snapshots, clone-audited snapshots, held-out
+  sources of its own organizations): launch.study would stop at once otherwise."""
+  from collab import study
+  config = get_config()
+  names = [s.name for s in study.expand(config)]
+  assert 'centralized' in names
+  if config.study.heldout_sources:
+    assert study.heldout_data_config(config, '/nowhere/data') is not None
