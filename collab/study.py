@@ -1,6 +1,7 @@
 """A study: one config expanded into runs, run where missing, evaluated, summarized.
 
-A study folder holds `data/` (built once), one folder per run (`single-NAME`,
+A study folder holds `data/` (built once), `data-heldout/` (with
+`config.study.heldout_sources`: held-out files, never trained on), one folder per run (`single-NAME`,
 `centralized`, `federated-OPT`, `federated-fedavg-rN` (FedAvg with N rounds, to reach
 the centralized fit), `federated-dp-zZ` (DP-FedAvg at noise multiplier Z),
 `incremental-A-B-C`, with `@seedN` when several seeds are asked for), `stages/`
@@ -8,8 +9,9 @@ the centralized fit), `federated-dp-zZ` (DP-FedAvg at noise multiplier Z),
 when there are several; a chain's first stage is the single run of its first
 participant when the study has single runs), `summary.json` and, from
 analysis, `tables/` and `figures/`. Every step skips what is already done, so a study
-interrupted anywhere resumes, and a finished one re-prints its tables in seconds. Every
-run is trained before any is evaluated, since some evaluators read other runs' models.
+interrupted anywhere resumes, and a finished one re-prints its tables in seconds. Runs
+are trained in order; one background thread evaluates each, in order, once it and the
+single runs are trained, since some evaluators read those runs' models.
 """
 
 import concurrent.futures

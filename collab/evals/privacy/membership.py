@@ -112,7 +112,7 @@ def window_units(data_dirs: Sequence[str], names, width: int, max_windows: int,
           index[b] = len(sequences)
           sequences.append(w.blocks_NxL[b].tolist())
         for b, o, toks, amb in zip(w.block_ids_N, w.offsets_N, w.tokens_NxW, w.ambiguous_N):
-          spans.append((index[int(b)], max(int(o) - 1, 0), int(o) + width - 1))
+          spans.append((index[int(b)], *windows_lib.prediction_rows(o, width)))
           tokens.append(toks.tolist())
           ambiguous.append(bool(amb))
       out[p, side] = Units(sequences, spans, tokens, ambiguous)

@@ -69,10 +69,14 @@ def load(data_dir: str, names: Sequence[str], width: int, max_windows: int, seed
   return out
 
 
+def prediction_rows(offset: int, width: int) -> tuple:
+  """(first, end) rows of a block's per-prediction stats that score the window of
+  `width` tokens at `offset`: row t predicts token t + 1, so a window at the start of its
+  block has width - 1 of them."""
+  return max(int(offset) - 1, 0), int(offset) + width - 1
+
+
 def window_stats(block_stats: Sequence[np.ndarray], w: Windows, width: int) -> list:
-  """Per window, the [T, C] rows of its block's per-prediction stats (T = width, or
-  width - 1 for a window at the start of its block)."""
-  out = []
-  for b, o in zip(w.block_ids_N, w.offsets_N):
-    out.append(block_stats[b][max(o - 1, 0):o + width - 1])
-  return out
+  """Per window, the [T, C] rows of its block's per-prediction stats."""
+  return [block_stats[b][slice(*prediction_rows(o, width))]
+          for b, o in zip(w.block_ids_N, w.offsets_N)]
