@@ -375,6 +375,18 @@ def study_config() -> ml_collections.ConfigDict:
   return c
 
 
+def flower_config() -> ml_collections.ConfigDict:
+  """Waiting on the nodes of a Flower federation (collab/flower; not part of training)."""
+  c = ml_collections.ConfigDict()
+  c.join_timeout_s = 300.0  # Longest wait for a node per participant before the first round.
+  # Longest wait for a node that went away (killed, machine gone) to come back within a
+  # round; then the server stops with an error naming it, and resumes when run again.
+  c.rejoin_timeout_s = 120.0
+  c.round_timeout_s = 86400.0  # Longest wait for a round's replies (local training included).
+  c.poll_s = 0.2  # Seconds between polls for replies.
+  return c
+
+
 def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
   """Everything a run needs; families override what differs."""
   c = ml_collections.ConfigDict()
@@ -386,6 +398,7 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
   c.train = train_config()
   c.parallel = parallel_config()
   c.federated = federated_config()
+  c.flower = flower_config()
   c.incremental = incremental_config()
   c.eval = eval_config()
   c.study = study_config()

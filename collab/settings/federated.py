@@ -32,7 +32,7 @@ are described in collab/settings/round_metrics.py.
 
 import os
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -98,8 +98,16 @@ def local_steps(config, num_blocks_N, num_rounds: int, per_round: int, seq_len: 
   return np.maximum(1, np.ceil(fed.local_epochs * per_epoch_N)).astype(np.int64)
 
 
+def _size(blocks) -> int:
+  return int(blocks) if isinstance(blocks, (int, np.integer)) else len(blocks)
+
+
 def make_plan(config, train: dict, seq_len: int) -> Plan:
-  """Checks the federated config against the clients' data; fails with what to change."""
+  """Checks the federated config against the clients' data; fails with what to change.
+
+  `train` maps client names to their blocks, or to their numbers of blocks (a server
+  that holds no data plans from the sizes its clients report).
+  """
   fed, names = config.federated, tuple(train)
   if fed.rounds < 1:
     raise ValueError(f'config.federated.rounds must be >= 1, got {fed.rounds}.')
@@ -108,7 +116,7 @@ def make_plan(config, train: dict, seq_len: int) -> Plan:
     raise ValueError(f'config.federated.clients_per_round={fed.clients_per_round} must be in '
                      f'[0, {len(names)}] (0: all {len(names)} clients).')
   pad = fed.clients != 'participants'
-  sizes_N = np.asarray([len(train[n]) for n in names])
+  sizes_N = np.asarray([_size(train[n]) for n in names])
   steps_N = local_steps(config, sizes_N, fed.rounds, per_round, seq_len, pad=pad,
                         names=names)
   if fed.weighting not in ('blocks', 'uniform'):
@@ -151,6 +159,56 @@ def _block_batches(data: blocks_lib.MultiIterator, ids_C, steps_N, first: int, c
   return tokens, weights
 
 
+def train_block(programs: rounds.Programs, plan: Plan, params, stored, data, keys_N,
+                block_C: np.ndarray, round_: int, shape_BxL: tuple, stored_ids=None) -> tuple:
+  """Local training of a block of clients from the server `params`: (states_C, metrics).
+
+  `data.iterators[i]` is client i's BatchIterator; `stored` holds the kept optimizer
+  states, read at `stored_ids` (default: the client ids; a node keeps only its own state
+  and reads it at 0). `metrics` lists each chunk's per-client sums.
+  """
+  n = len(plan.names)
+  stored_ids = block_C if stored_ids is None else stored_ids
+  state_C = programs.start(params, stored, np.asarray(stored_ids, np.int32), np.int32(round_))
+  keys_C = keys_N[np.minimum(block_C, n - 1)]
+  block_steps = max(int(plan.steps_N[i]) for i in block_C if i < n)
+  sums = []
+  for first in range(0, block_steps, plan.steps_per_call):
+    tokens, weights = _block_batches(data, block_C, plan.steps_N, first, plan.steps_per_call,
+                                     shape_BxL)
+    state_C, metrics_C = programs.run(state_C, tokens, weights, keys_C)
+    sums.append(metrics_C)
+  return state_C, sums
+
+
+def accumulate_block(programs: rounds.Programs, plan: Plan, state: dict, acc: dict,
+                     state_C: dict, block_C: np.ndarray) -> tuple:
+  """Adds a block's trained clients to the round's accumulator: (state, acc, delta_norm_C).
+
+  Only `params` (and, kept on the server, `opt_state`) of `state_C` are read.
+  """
+  n = len(plan.names)
+  weights_C = np.where(block_C < n, plan.weights_N[np.minimum(block_C, n - 1)], 0.0)
+  clients_C = state_C if plan.keep_state else {'params': state_C['params']}
+  return programs.accumulate(state, acc, clients_C, weights_C.astype(np.float32),
+                             np.asarray(block_C, np.int32))
+
+
+def round_result(state: dict, server_metrics, sums, norms, count: int) -> tuple:
+  """(state, the round's metrics) from the per-block (first client, metrics_C) sums and
+  delta norms of `count` real clients, in client order (run_round's metrics)."""
+  padded = sum(len(n) for n in jax.device_get(norms))
+  loss_C, tokens_C = np.zeros(padded), np.zeros(padded)
+  for b, m in jax.device_get(sums):
+    size = len(m['loss_sum'])
+    loss_C[b:b + size] += m['loss_sum']
+    tokens_C[b:b + size] += m['tokens']
+  real = slice(0, count)
+  server_metrics = {k: float(v) for k, v in jax.device_get(server_metrics).items()}
+  return state, {'loss_sum': loss_C[real], 'tokens': tokens_C[real],
+                 'delta_norm': np.concatenate(jax.device_get(norms))[real], **server_metrics}
+
+
 def run_round(programs: rounds.Programs, plan: Plan, state: dict,
               data: blocks_lib.MultiIterator, keys_N: jax.Array, ids: np.ndarray, round_: int,
               shape_BxL: tuple) -> tuple:
@@ -163,33 +221,18 @@ def run_round(programs: rounds.Programs, plan: Plan, state: dict,
   n, block = len(plan.names), programs.block
   padded = -(-len(ids) // block) * block
   ids_C = np.concatenate([ids, np.full(padded - len(ids), n)]).astype(np.int32)
-  weights_C = np.where(ids_C < n, plan.weights_N[np.minimum(ids_C, n - 1)], 0.0)
   acc = programs.zeros(state['params'])
   sums, norms = [], []
   for b in range(0, padded, block):
     block_C = ids_C[b:b + block]
-    state_C = programs.start(state['params'], state.get('clients', {}), block_C,
-                             np.int32(round_))
-    keys_C = keys_N[np.minimum(block_C, n - 1)]
-    block_steps = max(int(plan.steps_N[i]) for i in block_C if i < n)
-    for first in range(0, block_steps, plan.steps_per_call):
-      tokens, weights = _block_batches(data, block_C, plan.steps_N, first,
-                                       plan.steps_per_call, shape_BxL)
-      state_C, metrics_C = programs.run(state_C, tokens, weights, keys_C)
-      sums.append((b, metrics_C))
-    state, acc, norms_C = programs.accumulate(state, acc, state_C,
-                                              weights_C[b:b + block].astype(np.float32), block_C)
+    state_C, chunks = train_block(programs, plan, state['params'], state.get('clients', {}),
+                                  data, keys_N, block_C, round_, shape_BxL)
+    sums += [(b, m) for m in chunks]
+    state, acc, norms_C = accumulate_block(programs, plan, state, acc, state_C, block_C)
     norms.append(norms_C)
     del state_C  # The block's client states go before the next block's start.
   state, server_metrics = programs.apply(state, acc)
-  loss_C, tokens_C = np.zeros(padded), np.zeros(padded)
-  for b, m in jax.device_get(sums):
-    loss_C[b:b + block] += m['loss_sum']
-    tokens_C[b:b + block] += m['tokens']
-  real = slice(0, len(ids))
-  server_metrics = {k: float(v) for k, v in jax.device_get(server_metrics).items()}
-  return state, {'loss_sum': loss_C[real], 'tokens': tokens_C[real],
-                 'delta_norm': np.concatenate(jax.device_get(norms))[real], **server_metrics}
+  return round_result(state, server_metrics, sums, norms, len(ids))
 
 
 def _ppl_metrics(result: dict) -> dict:
@@ -226,21 +269,55 @@ def train(config, workdir: str) -> dict:
              tokenizer_dir=run.tokenizer_dir_of(data.data_dir))
 
 
+class Federation(NamedTuple):
+  """Where a run's clients train and validate: in this process (`in_process`) or on
+  remote nodes (collab/flower). `fit` drives either through the same rounds."""
+  sizes: dict  # Client name -> training blocks (what the plan is made from).
+  seq_len: int  # Tokens per block.
+  # (plan, JSON data positions or None) -> (run_round, evaluate, position):
+  # run_round(programs, plan, state, keys_N, ids, round) -> (state, metrics) as run_round;
+  # evaluate(params) -> centralized.evaluate_valid's result; position() -> JSON.
+  start: Callable
+  keeps_client_state: bool = True  # False: the clients keep their optimizer states.
+
+
+def in_process(config, model, train: dict, valid: dict) -> Federation:
+  """Every client's data in this process: the simulation."""
+  shape_BxL = (config.train.batch_size, next(iter(train.values())).shape[1])
+
+  def start(plan, positions):
+    data = blocks_lib.MultiIterator([train[n] for n in plan.names], shape_BxL[0],
+                                    run.seeds(config.seed)[1], positions, pad=plan.pad)
+    return (lambda programs, plan, state, keys_N, ids, r:
+            run_round(programs, plan, state, data, keys_N, ids, r, shape_BxL),
+            lambda params: centralized.evaluate_valid(config, model, params, valid),
+            lambda: data.position)
+  return Federation({n: len(b) for n, b in train.items()}, shape_BxL[1], start)
+
+
 def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
         owner: dict | None = None, tokenizer_dir: str = '') -> dict:
+  """Trains the in-process federation of `train` (client name -> blocks); see fit_with."""
+  return fit_with(config, workdir, model, in_process(config, model, train, valid), eot_id,
+                  owner, tokenizer_dir)
+
+
+def fit_with(config, workdir: str, model, federation: Federation, eot_id: int = 0,
+             owner: dict | None = None, tokenizer_dir: str = '') -> dict:
   """Runs (or resumes) the rounds; evaluates every participant (keeping the best model in
   WORKDIR/best, best_lib.keep_best); writes train.json last.
 
-  `train` maps client names to their blocks; `owner` maps each client to its participant
-  (None: the clients are the participants).
+  `owner` maps each client to its participant (None: the clients are the participants).
   """
   start_time = time.time()
   fed = config.federated
-  shape_BxL = (config.train.batch_size, next(iter(train.values())).shape[1])
-  plan = make_plan(config, train, shape_BxL[1])
+  shape_BxL = (config.train.batch_size, federation.seq_len)
+  plan = make_plan(config, federation.sizes, shape_BxL[1])
+  if not federation.keeps_client_state:
+    plan = plan._replace(keep_state=False)  # The server holds none.
   total_local = plan.rounds * plan.steps_per_round
   optimizer = steps.make_optimizer(config.train, total_local)
-  init_key, data_seed, train_key = run.seeds(config.seed)
+  init_key, _, train_key = run.seeds(config.seed)
   programs = rounds.make_programs(config, plan, model, optimizer,
                                   server_lib.make_server_optimizer(fed), init_key,
                                   parallel.make_mesh(config.parallel),
@@ -256,8 +333,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
                workdir, source, start, plan.rounds, len(plan.names), fed.clients,
                plan.per_round, dict(zip(plan.names, plan.steps_N.tolist())) if per_client
                else f'{plan.steps_N.min()}..{plan.steps_N.max()}')
-  data = blocks_lib.MultiIterator([train[n] for n in plan.names], shape_BxL[0], data_seed,
-                                  extra.get('data'), pad=plan.pad)
+  train_round, evaluate, position = federation.start(plan, extra.get('data'))
   seen_N = np.asarray(extra.get('blocks_seen', [0] * len(plan.names)), np.int64)
   keys = jax.random.split(train_key, len(plan.names) + 1)  # One per client, one to sample.
   schedule = steps.make_schedule(config.train, total_local)
@@ -268,7 +344,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
                  dynamic_ncols=True) as bar:
     for r in range(start, plan.rounds):
       ids = sample_clients(keys[-1], r, len(plan.names), plan.per_round)
-      state, metrics = run_round(programs, plan, state, data, keys[:-1], ids, r, shape_BxL)
+      state, metrics = train_round(programs, plan, state, keys[:-1], ids, r)
       seen_N[ids] += plan.steps_N[ids] * plan.rows_N[ids]
       # The clients' learning rate at the round's first local step.
       row = round_metrics.round_row(plan.names, ids, metrics,
@@ -279,7 +355,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
       writer.write(r + 1, row, key='round')
       every = fed.eval_every
       if r + 1 in snapshots or (every and (r + 1) % every == 0 and r + 1 < plan.rounds):
-        result = centralized.evaluate_valid(config, model, state['params'], valid)
+        result = evaluate(state['params'])
         writer.write(r + 1, _ppl_metrics(result), key='round')
         point = _point(fed, r + 1, plan.rounds, result)
         best_lib.keep_best(workdir, state['params'], model.config, eot_id, point, tokenizer_dir)
@@ -288,13 +364,13 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
               **point, 'requested_fraction': snapshots[r + 1],
               'train_loss': row['train/loss']}, tokenizer_dir)
       checkpoint.save(manager, r + 1, state,
-                      {'data': data.position, 'blocks_seen': seen_N.tolist()},
+                      {'data': position(), 'blocks_seen': seen_N.tolist()},
                       force=r + 1 == plan.rounds)
       bar.set_postfix(loss=f"{row['train/loss']:.3f}")
       bar.update(1)
   manager.wait_until_finished()
   manager.close()
-  final = centralized.evaluate_valid(config, model, state['params'], valid)
+  final = evaluate(state['params'])
   writer.write(plan.rounds, _ppl_metrics(final), key='round')
   writer.close()
   # best/ before train.json, which marks the run finished.
@@ -303,7 +379,7 @@ def fit(config, workdir: str, model, train: dict, valid: dict, eot_id: int = 0,
   return _finish(config, workdir, model, eot_id, plan, state, seen_N, owner, shape_BxL[1],
                  {'source': source, 'valid': final, 'best': best_lib.best_summary(best),
                   'train_seconds': time.time() - start_time},
-                 [len(train[n]) for n in plan.names], tokenizer_dir)
+                 [federation.sizes[n] for n in plan.names], tokenizer_dir)
 
 
 def _point(fed, done: int, num_rounds: int, valid: dict) -> dict:

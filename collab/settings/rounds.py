@@ -44,7 +44,8 @@ class Programs(NamedTuple):
   start: Callable  # (server_params, stored_N, ids_C, round) -> client_state_C
   run: Callable  # (client_state_C, tokens_CxKxBxL, weights_CxKxB, keys_C) -> (state_C, metrics_C)
   # (server_state, acc, client_state_C, weights_C, ids_C) -> (server_state, acc, delta_norm_C);
-  # donates the server state and the accumulator.
+  # donates the server state and the accumulator. client_state_C is {'params'} alone
+  # unless the server keeps the clients' optimizer states (plan.keep_state).
   accumulate: Callable
   apply: Callable  # (server_state, acc) -> (server_state, metrics)
   zeros: Callable  # (server_params) -> an empty accumulator
@@ -213,13 +214,16 @@ def make_programs(config, plan, model, optimizer, server_optimizer, init_key, me
   apply_jit = _jit(apply, mesh, rules, (sh.server, sh.acc, sh.replicated),
                    (sh.server, sh.replicated), donate=(0,))
   noise_key = jax.random.key(0) if noise_key is None else noise_key  # Unused without DP.
+  # What accumulate reads of a block's client states: their optimizer states only when
+  # the server keeps them.
+  accumulated = sh.client if plan.keep_state else {'params': sh.client['params']}
   return Programs(
       start=_jit(start, mesh, rules, (sh.server['params'], sh.server.get('clients', {}),
                                       sh.per_client, sh.replicated), sh.client),
       run=_jit(run_, mesh, rules, (sh.client, sh.tokens, sh.weights, sh.per_client),
                (sh.client, sh.per_client), donate=(0,)),
       accumulate=_jit(accumulate, mesh, rules,
-                      (sh.server, sh.acc, sh.client, sh.per_client, sh.per_client),
+                      (sh.server, sh.acc, accumulated, sh.per_client, sh.per_client),
                       (sh.server, sh.acc, sh.per_client), donate=(0, 1)),
       apply=lambda server, acc: apply_jit(server, acc, noise_key),
       zeros=_jit(server_lib.zeros_accumulator, mesh, rules, (sh.server['params'],), sh.acc),

@@ -304,6 +304,21 @@ def claim_workdir(workdir: str, config, ignore=(), data_inputs: str | None = Non
   write_config(workdir, config, data_inputs)
 
 
+def _from_json(value):
+  if isinstance(value, dict):
+    return ml_collections.ConfigDict({k: _from_json(v) for k, v in value.items()})
+  if isinstance(value, list):  # Configs hold tuples, and lists of sections (participants).
+    items = [_from_json(v) for v in value]
+    return items if any(isinstance(v, ml_collections.ConfigDict) for v in items) else tuple(items)
+  return value
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """A config to run with from its JSON (config.json, or what a Flower server sends):
+  the types of the configs' own fields come back (tuples, lists of sections)."""
+  return _from_json(json.loads(text))
+
+
 def write_config(workdir: str, config, data_inputs: str | None = None) -> None:
   """The resolved config, as JSON, beside the run's outputs (and the data's inputs)."""
   io.atomic_write_text(os.path.join(workdir, CONFIG_JSON), config.to_json_best_effort(
