@@ -158,3 +158,24 @@ def test_a_lost_node_stops_the_round_by_name_then_the_run_resumes_bit_identical(
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert os.path.isfile(tmp_path / 'killed' / 'final' / 'config.json')
+
+
+def test_a_node_that_comes_back_within_the_round_gets_its_request_again(nodes, tiny_data,
+                                                                       tmp_path):
+  config = fed_config(tiny_data, rounds=2)
+  config.flower.rejoin_timeout_s = 60.0
+  server_lib.serve(config, str(tmp_path / 'straight'), FakeLink(nodes))
+  link = FakeLink(nodes)
+  original = link.send
+
+  def send(node_id, kind, meta, arrays):
+    if kind == 'train' and meta['round'] == 1 and node_id == 2:
+      link.dead.add(2)  # Killed in round 2; its SuperNode restarts as node 7.
+      link.nodes_by_id[7] = nodes[2]
+    return original(node_id, kind, meta, arrays)
+  link.send = send
+  server_lib.serve(config, str(tmp_path / 'back'), link)
+  assert (7, 'train') in link.sent
+  a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'back')
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)

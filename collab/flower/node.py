@@ -190,11 +190,14 @@ def save_client_state(node: Node, run_id: str, round_: int, inner: PyTree) -> No
 
 
 def train(node: Node, config, params: PyTree, round_: int, sizes: dict,
-          position: dict | None, run_id: str) -> tuple:
-  """One round of local training: (params, {'loss_sum', 'tokens'}, data position)."""
+          position: dict | None, run_id: str, s: Setup | None = None) -> tuple:
+  """One round of local training: (params, {'loss_sum', 'tokens'}, data position).
+
+  `s` is this run's setup(...) when the caller keeps it across rounds (the worker).
+  """
   _check(node)
   manifest = blocks_lib.load_manifest(node.data_dir)
-  s = setup(config, node, sizes, manifest)
+  s = s or setup(config, node, sizes, manifest)
   blocks = blocks_lib.load_blocks(node.data_dir, node.org, 'train')
   if len(blocks) != sizes[node.org]:
     raise NodeRefusal(f'node {node.org!r} holds {len(blocks)} training blocks, the server '

@@ -104,8 +104,12 @@ class Roster:
   def question(self) -> dict:
     return {'config': self.config_json, 'version': self.version}
 
-  def admit(self, node_id: int, facts: dict) -> str:
-    """Records a node's identity; RefusedNodeError naming it when it cannot serve."""
+  def admit(self, node_id: int, facts: dict, alive=(), replace: bool = False) -> str:
+    """Records a node's identity; RefusedNodeError naming it when it cannot serve.
+
+    Two nodes online for one participant are refused, unless `replace` (during a run: a
+    SuperNode that restarted gets a new id while its old one still looks alive).
+    """
     org = facts.get('org')
     who = f'node {node_id} (participant {org!r})'
     if facts.get('problems'):
@@ -113,7 +117,7 @@ class Roster:
     if org not in self.wanted:
       raise RefusedNodeError(f'Refused {who}: the run trains {self.wanted}; give the '
                              'SuperNode one of these as org.')
-    if self.node.get(org) not in (None, node_id) and self.node[org] in self._alive:
+    if not replace and self.node.get(org) not in (None, node_id) and self.node[org] in alive:
       raise RefusedNodeError(f'Refused {who}: node {self.node[org]} already serves {org!r}; '
                              'each participant runs one SuperNode.')
     for key in ('seq_len', 'vocab_size', 'eot_id'):
@@ -125,26 +129,24 @@ class Roster:
     self.node[org], self.facts[org] = node_id, facts
     return org
 
-  _alive = ()
 
-
-def _ask_new(link: Link, roster: Roster, asked: dict) -> None:
-  """Sends the identity question to every node online that has not been asked."""
+def _ask_new(link: Link, roster: Roster, asked: dict) -> set:
+  """Sends the identity question to every node online not asked yet; the nodes online."""
   alive = set(link.nodes())
-  roster._alive = alive  # pylint: disable=protected-access
   for nid in sorted(alive - set(asked) - set(roster.node.values())):
     asked[nid] = link.send(nid, 'identify', roster.question(), None)
+  return alive
 
 
 def join(link: Link, roster: Roster, timeout_s: float, poll_s: float) -> None:
   """Waits until every participant has an admitted node (at most timeout_s)."""
   asked, deadline = {}, time.time() + timeout_s
   while set(roster.node) != set(roster.wanted):
-    _ask_new(link, roster, asked)
+    alive = _ask_new(link, roster, asked)
     replies = link.poll([m for m in asked.values() if m])
     for nid, mid in list(asked.items()):
       if mid in replies and replies[mid].error is None:
-        org = roster.admit(nid, replies[mid].meta)
+        org = roster.admit(nid, replies[mid].meta, alive)
         logging.info('Node %d serves %r (%d training blocks).', nid, org,
                      roster.facts[org]['train_blocks'])
         asked[nid] = None
@@ -181,19 +183,22 @@ def gather(link: Link, roster: Roster, kind: str, requests: dict, what: str,
         lost.setdefault(org, now)
       else:
         raise RuntimeError(f'Node {roster.node[org]} ({org!r}) failed {what}: {reply.error}')
-    _ask_new(link, roster, asked)
+    alive = _ask_new(link, roster, asked)
     for org in requests:
-      if org not in done and roster.node[org] not in roster._alive:  # pylint: disable=protected-access
+      if org not in done and roster.node[org] not in alive:
         lost.setdefault(org, now)
     for nid, mid in list(asked.items()):
-      if mid and mid in replies and replies[mid].error is None:
-        org = replies[mid].meta.get('org')
-        if org in lost:  # The participant's SuperNode is back: send it the request again.
-          roster.admit(nid, replies[mid].meta)
-          sent[org] = link.send(nid, kind, *requests[org])
-          logging.warning('Participant %r is back as node %d; %s sent again.', org, nid, what)
-          del lost[org]
-        asked[nid] = None if org in roster.node and roster.node[org] == nid else mid
+      if not mid or mid not in replies or replies[mid].error is not None:
+        continue
+      asked[nid] = None
+      org = replies[mid].meta.get('org')
+      if org in requests and org not in done:  # Its SuperNode restarted: ask it again.
+        old = roster.node[org]
+        roster.admit(nid, replies[mid].meta, alive, replace=True)
+        sent[org] = link.send(nid, kind, *requests[org])
+        lost.pop(org, None)
+        logging.warning('Participant %r is back as node %d (was %d); %s sent again.', org,
+                        nid, old, what)
     for org, since in lost.items():
       if now - since > flower_cfg.rejoin_timeout_s:
         raise NodeLostError(
