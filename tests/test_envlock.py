@@ -47,6 +47,24 @@ def test_the_lock_pins_pip_and_every_setup_cfg_requirement_within_its_range():
       'jax<0.13,>=0.7: the lock has 0.13.1']
 
 
+FLOWER_LOCK = os.path.join(ROOT, 'requirements-flower.lock')
+# What installing the flower extra changes of requirements.lock (flwr 1.42 pins older
+# versions): none of them is read by the default study, whose corpus ships as files.
+FLOWER_CHANGES = {'packaging', 'protobuf', 'rich', 'typer'}
+
+
+def test_the_flower_lock_is_the_lock_plus_flwr_changing_only_what_flwr_pins():
+  pins, flower = envlock.read_lock(os.path.join(ROOT, envlock.LOCK_FILE)), envlock.read_lock(
+      FLOWER_LOCK)
+  assert envlock.unsatisfied(_setup_requirements(('test', 'flower')), flower) == []
+  assert set(pins) <= set(flower) and 'flwr' in flower
+  changed = {name for name, version in pins.items() if flower[name] != version}
+  assert changed == FLOWER_CHANGES, ('requirements-flower.lock changes other packages of '
+                                     'requirements.lock: check that the default study\'s '
+                                     'tables stay the same with the extra, then update '
+                                     'FLOWER_CHANGES')
+
+
 def test_check_env_exits_1_naming_the_drifted_package(tmp_path):
   lock = tmp_path / 'requirements.lock'
   lock.write_text('numpy==0.0.1\n')

@@ -75,12 +75,14 @@ def test_three_supernodes_give_the_simulations_parameters(optimizer, federation,
   config = config_for(tiny_data, optimizer)
   deploy(federation, config, tmp_path / 'flower')
   simulate(config, tmp_path / 'loop', tiny_data, vmap=False)
-  simulate(config, tmp_path / 'vmap', tiny_data, vmap=True)
   flower = final_params(tmp_path / 'flower')
   # The reference loop's programs, node by node, aggregated in participant order.
   assert_same_bits(flower, final_params(tmp_path / 'loop'))
-  # The vmapped simulation compiles other programs (a client axis): float32 rounding.
-  assert max_difference(flower, final_params(tmp_path / 'vmap')) < 1e-5
+  if optimizer == 'fedavg':
+    # The vmapped simulation compiles other programs (a client axis), whose float32
+    # sums may round otherwise: agreement to float32 rounding of these magnitudes.
+    simulate(config, tmp_path / 'vmap', tiny_data, vmap=True)
+    assert max_difference(flower, final_params(tmp_path / 'vmap')) < 1e-5
   assert os.path.isfile(tmp_path / 'flower' / 'train.json')
   assert os.path.isfile(tmp_path / 'flower' / 'final' / 'model.safetensors')
   if optimizer == 'fedavg':

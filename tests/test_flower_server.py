@@ -3,6 +3,7 @@ simulation, refusals, lost nodes. tests/test_flower.py runs the same over real F
 processes."""
 
 import itertools
+import json
 import os
 
 import jax
@@ -13,6 +14,7 @@ from collab import checkpoint
 from collab.flower import local
 from collab.flower import node as node_lib
 from collab.flower import server as server_lib
+from collab.flower import worker
 from collab.settings import federated
 from collab.settings import run
 from tests.conftest import TINY_PARTICIPANTS
@@ -55,9 +57,11 @@ class FakeLink:
           node_lib.identity(node, meta['config'], meta['version']), None)
     elif kind == 'train':
       config = run.config_from_json(meta['config'])
+      # The node's programs, kept across rounds as its worker keeps them.
+      setup = worker._setup(node, meta['config'], json.dumps(meta['sizes'], sort_keys=True))  # pylint: disable=protected-access
       params, metrics, position = node_lib.train(node, config, server_lib.unflatten(arrays),
                                                  meta['round'], meta['sizes'],
-                                                 meta['position'], meta['run_id'])
+                                                 meta['position'], meta['run_id'], setup)
       self.replies[mid] = server_lib.Reply({**metrics, 'position': position},
                                            server_lib.flatten(params))
     else:

@@ -43,6 +43,7 @@ from collab.settings import run
 PyTree = Any
 RUN_JSON = 'flower_run.json'  # WORKDIR: the run's id, which scopes the nodes' kept state.
 STATUS_JSON = 'flower_status.json'  # WORKDIR: how the last ServerApp ended.
+ROUNDS_JSONL = 'flower_rounds.jsonl'  # WORKDIR: each round's time and bytes moved.
 
 
 class Reply(NamedTuple):
@@ -217,8 +218,22 @@ def gather(link: Link, roster: Roster, kind: str, requests: dict, what: str,
   return done
 
 
-def node_federation(link: Link, roster: Roster, config, run_key: str) -> federated.Federation:
-  """A federated.Federation whose clients are the roster's nodes."""
+def _record_round(workdir: str, row: dict) -> None:
+  """Replaces WORKDIR/flower_rounds.jsonl's rows from row's round on (a resumed run
+  trains rounds again) with `row`."""
+  path = os.path.join(workdir, ROUNDS_JSONL)
+  rows = io.read_jsonl(path) if os.path.isfile(path) else []
+  io.write_jsonl(path, [x for x in rows if x['round'] < row['round']] + [row])
+
+
+def _nbytes(arrays: dict) -> int:
+  return sum(int(a.nbytes) for a in arrays.values())
+
+
+def node_federation(link: Link, roster: Roster, config, run_key: str,
+                    workdir: str) -> federated.Federation:
+  """A federated.Federation whose clients are the roster's nodes; each round's timing and
+  the parameter bytes it moved are appended to WORKDIR/flower_rounds.jsonl."""
   names = run.participant_names(config)
   sizes = {org: roster.facts[org]['train_blocks'] for org in names}
   seq_len = roster.facts[names[0]]['seq_len']
@@ -229,10 +244,12 @@ def node_federation(link: Link, roster: Roster, config, run_key: str) -> federat
 
     def train_round(programs, plan, state, keys_N, ids, r):
       del keys_N  # Each node derives its own key from the config's seed.
+      started = time.time()
       params = flatten(state['params'])
       requests = {names[i]: ({**meta, 'round': r, 'position': positions[i]}, params)
                   for i in ids}
       replies = gather(link, roster, 'train', requests, f'round {r + 1}', config.flower)
+      trained = time.time()
       acc = programs.zeros(state['params'])
       sums, norms = [], []
       for k, i in enumerate(ids):  # Participant order, whatever the arrival order.
@@ -246,7 +263,14 @@ def node_federation(link: Link, roster: Roster, config, run_key: str) -> federat
                          'tokens': np.asarray([reply.meta['tokens']])}))
         positions[i] = reply.meta['position']
       state, server_metrics = programs.apply(state, acc)
-      return federated.round_result(state, server_metrics, sums, norms, len(ids))
+      result = federated.round_result(state, server_metrics, sums, norms, len(ids))
+      _record_round(workdir, {
+          'round': r + 1, 'seconds': time.time() - started,
+          'exchange_seconds': trained - started, 'aggregate_seconds': time.time() - trained,
+          'node_seconds': {names[i]: replies[names[i]].meta.get('seconds') for i in ids},
+          'bytes_to_nodes': len(ids) * _nbytes(params),
+          'bytes_from_nodes': sum(_nbytes(replies[names[i]].arrays) for i in ids)})
+      return result
 
     def evaluate(params):
       params = flatten(params)
@@ -283,7 +307,7 @@ def serve(config, workdir: str, link: Link,
   join(link, roster, config.flower.join_timeout_s, config.flower.poll_s)
   facts = roster.facts[roster.wanted[0]]
   model, _ = run.make_model(config, facts)
-  federation = node_federation(link, roster, config, run_id(workdir))
+  federation = node_federation(link, roster, config, run_id(workdir), workdir)
   return federated.fit_with(config, workdir, model, federation, eot_id=facts['eot_id'])
 
 
