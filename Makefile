@@ -42,8 +42,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
 
 # torch (a CPU build) runs the PyTorch peers of train_step and sampling; a no-op when there.
-bench: $(STAMP)
-	$(PY) -m pip install --quiet -c $(LOCK) torch==$(TORCH) -e '.[bench]'
+bench: $(FLOWER_STAMP)
+	$(PY) -m pip install --quiet -c $(FLOWER_LOCK) torch==$(TORCH) -e '.[bench]'
 	$(PY) -m bench.run_all
 
 # Refreshes the lock on purpose: a fresh venv resolves setup.cfg's ranges (and the test

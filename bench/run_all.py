@@ -21,7 +21,7 @@ from absl import logging
 
 from bench import record
 
-BENCHES = ('train_step', 'sampling', 'federated', 'many_clients', 'sandbox', 'clones')
+BENCHES = ('train_step', 'sampling', 'federated', 'many_clients', 'sandbox', 'clones', 'flower')
 NEEDS_TORCH = ('train_step', 'sampling')  # Their peers are transformers on PyTorch.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +76,9 @@ def main(argv):
       and any(n in NEEDS_TORCH for n in names)):
     logging.warning('torch is not installed, so %s will fail: `pip install torch==2.13.0` '
                     '(make bench does).', [n for n in names if n in NEEDS_TORCH])
+  if importlib.util.find_spec('flwr') is None and 'flower' in names:
+    logging.warning('flwr is not installed, so bench.flower will fail: make flower '
+                    '(make bench does).')
   rows = []
   for i, name in enumerate(names):
     print(f'\n===== [{i + 1}/{len(names)}] bench.{name} =====', flush=True)

@@ -106,7 +106,8 @@ def test_a_killed_supernode_stops_the_run_by_name_and_the_rerun_resumes_bit_iden
   server.start()
   data, state = federation.nodes['beta']
   deadline = time.time() + 300
-  while time.time() < deadline and not (workdir / 'checkpoints' / '1').is_dir():
+  while (time.time() < deadline and server.is_alive()
+         and not (workdir / 'checkpoints' / '1').is_dir()):
     time.sleep(0.1)
   federation.kill('node-beta')  # SIGKILL during round 2: the SuperLink notices in 30-60 s.
   server.join(timeout=300)

@@ -127,7 +127,7 @@ def identity(node: Node, server_config: str, server_version: str) -> dict:
     manifest = blocks_lib.load_manifest(node.data_dir)
     out.update(train_blocks=len(blocks_lib.load_blocks(node.data_dir, node.org, 'train')),
                seq_len=int(manifest['seq_len']), vocab_size=int(manifest['vocab_size']),
-               eot_id=int(manifest['eot_id']), inputs=manifest.get('inputs', ''))
+               eot_id=int(manifest['eot_id']))
   return out
 
 
