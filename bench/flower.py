@@ -38,6 +38,8 @@ _LOCAL = flags.DEFINE_integer('local_steps', 4, 'Local steps per client per roun
 _BATCH = flags.DEFINE_integer('batch', 8, 'Blocks per batch.')
 _RECORD = record.define_flag()
 PARTICIPANTS = ('org0', 'org1', 'org2')
+HEADING = '## Flower (`bench/flower.py`)'
+LATEST_HEADING = '### Latest run of `python -m bench.flower`'
 VOCAB, SEQ_LEN, BLOCKS = 2048, 256, 64
 
 
@@ -152,8 +154,7 @@ def main(argv):
   print(text)
   print(json.dumps(results, indent=1))
   if _RECORD.value:
-    record.replace_section(_RECORD.value, 'Latest run of `python -m bench.flower`', text,
-                           parent='Flower (`bench/flower.py`)')
+    record.replace_section(_RECORD.value, LATEST_HEADING, text, parent=HEADING)
 
 
 if __name__ == '__main__':
