@@ -39,7 +39,7 @@ study: $(STAMP)
 # With the flower extra installed (make flower), its lock is the one to hold.
 test: $(STAMP)
 	$(PY) -m launch.check_env --lock=$(if $(wildcard $(FLOWER_STAMP)),$(FLOWER_LOCK),$(LOCK))
-	$(PY) -m pytest -q -n 3 --dist loadfile tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests $(PYTEST_ARGS)
 
 # torch (a CPU build) runs the PyTorch peers of train_step and sampling; a no-op when there.
 bench: $(FLOWER_STAMP)

@@ -103,11 +103,18 @@ def tiny_run_config(data_dir: str, **train):
   return c
 
 
-# Scheduled first (pytest-xdist's loadfile hands files out in this order): Flower's own
-# waits (its SuperNodes poll every 3 s, a killed one is noticed after 30-60 s) leave its
-# worker mostly idle, so the CPU-bound files run beside it on the other workers.
+
+# The order pytest-xdist hands files out in (make test passes --no-loadscope-reorder):
+# Flower's tests first, since Flower's own waits (its SuperNodes poll every 3 s, a killed
+# one is noticed after 30-60 s) leave their worker mostly idle while the other runs the
+# CPU-bound files; then the rest by number of tests, largest first (xdist's own order).
 FIRST = ('test_flower.py',)
 
 
 def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: item.path.name not in FIRST)
+  counts = {}
+  for item in items:
+    counts[item.path.name] = counts.get(item.path.name, 0) + 1
+  order = {id(item): i for i, item in enumerate(items)}
+  items.sort(key=lambda item: (item.path.name not in FIRST, -counts[item.path.name],
+                               item.path.name, order[id(item)]))

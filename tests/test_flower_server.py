@@ -3,7 +3,6 @@ simulation, refusals, lost nodes. tests/test_flower.py runs the same over real F
 processes."""
 
 import itertools
-import json
 import os
 
 import jax
@@ -58,7 +57,7 @@ class FakeLink:
     elif kind == 'train':
       config = run.config_from_json(meta['config'])
       # The node's programs, kept across rounds as its worker keeps them.
-      setup = worker._setup(node, meta['config'], json.dumps(meta['sizes'], sort_keys=True))  # pylint: disable=protected-access
+      setup = worker.setup_for(node, config, meta['sizes'])
       params, metrics, position = node_lib.train(node, config, server_lib.unflatten(arrays),
                                                  meta['round'], meta['sizes'],
                                                  meta['position'], meta['run_id'], setup)
@@ -98,22 +97,45 @@ def simulate(config, workdir, data_dir, vmap):
                        eot_id=data.manifest['eot_id'])
 
 
-@pytest.mark.parametrize('optimizer', ['fedavg', 'fedyogi'])
-def test_nodes_give_the_simulations_bits(optimizer, nodes, tiny_data, tmp_path):
-  config = fed_config(tiny_data, optimizer)
-  served = server_lib.serve(config, str(tmp_path / 'flower'), FakeLink(nodes))
-  loop = simulate(config, tmp_path / 'loop', tiny_data, vmap=False)
-  a, b = final_params(tmp_path / 'flower'), final_params(tmp_path / 'loop')
+def dp_fedprox(config):
+  """DP-FedAvg with adaptive clipping and FedProx's term: every server and client option."""
+  config.federated.weighting, config.federated.prox_mu = 'uniform', 0.01
+  dp = config.federated.dp
+  dp.enabled, dp.clip_norm, dp.noise_multiplier, dp.adaptive_clip = True, 0.5, 0.3, True
+  return config
+
+
+def assert_same_bits(a_dir, b_dir):
+  a, b = final_params(a_dir), final_params(b_dir)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(x, y)  # The reference loop, program for program.
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope='module')
+def straight(nodes, tiny_data, tmp_path_factory):
+  """A FedAvg run of 2 rounds over the nodes: (its folder, its summary)."""
+  workdir = tmp_path_factory.mktemp('straight') / 'run'
+  return workdir, server_lib.serve(fed_config(tiny_data), str(workdir), FakeLink(nodes))
+
+
+# FedYogi over real SuperNodes is tests/test_flower.py's.
+@pytest.mark.parametrize('variant', ['fedavg', 'dp_fedprox'])
+def test_nodes_give_the_simulations_bits(variant, nodes, straight, tiny_data, tmp_path):
+  config = fed_config(tiny_data)
+  workdir, served = straight
+  if variant == 'dp_fedprox':
+    config, workdir = dp_fedprox(config), tmp_path / 'flower'
+    served = server_lib.serve(config, str(workdir), FakeLink(nodes))
+  loop = simulate(config, tmp_path / 'loop', tiny_data, vmap=False)
+  assert_same_bits(workdir, tmp_path / 'loop')  # The reference loop, program for program.
   # Pooled from the nodes' sums: the same floats; per-block losses stay on the nodes.
   for r in loop['valid'].values():
     r.pop('block_losses', None)
   assert served['valid'] == loop['valid']
   assert served['tokens_seen_per_participant'] == loop['tokens_seen_per_participant']
+  assert served.get('privacy') == loop.get('privacy')  # The accountant's epsilon, the bound.
   # Client optimizer states stay on the nodes: the server's checkpoint has none.
-  assert 'clients' not in checkpoint.make_manager(str(tmp_path / 'flower'), 2, 1).restore(
-      2)['state']
+  assert 'clients' not in checkpoint.make_manager(str(workdir), 2, 1).restore(2)['state']
 
 
 def test_refusals_name_the_node(nodes, tiny_data, tmp_path):
@@ -140,9 +162,8 @@ def test_refusals_name_the_node(nodes, tiny_data, tmp_path):
 
 
 def test_a_lost_node_stops_the_round_by_name_then_the_run_resumes_bit_identical(
-    nodes, tiny_data, tmp_path):
-  config = fed_config(tiny_data, rounds=3)
-  server_lib.serve(config, str(tmp_path / 'straight'), FakeLink(nodes))
+    nodes, straight, tiny_data, tmp_path):
+  config = fed_config(tiny_data)
   link = FakeLink(nodes)
   original = link.send
 
@@ -157,18 +178,15 @@ def test_a_lost_node_stops_the_round_by_name_then_the_run_resumes_bit_identical(
   resumed = FakeLink({1: nodes[1], 5: nodes[2], 3: nodes[3]})
   summary = server_lib.serve(config, str(tmp_path / 'killed'), resumed)
   assert summary['source'] == 'resume'
-  assert [kind for _, kind in resumed.sent].count('train') == 3 * 2  # Rounds 2 and 3 only.
-  a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'killed')
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  assert [kind for _, kind in resumed.sent].count('train') == 3  # Round 2 only.
+  assert_same_bits(straight[0], tmp_path / 'killed')
   assert os.path.isfile(tmp_path / 'killed' / 'final' / 'config.json')
 
 
-def test_a_node_that_comes_back_within_the_round_gets_its_request_again(nodes, tiny_data,
-                                                                       tmp_path):
-  config = fed_config(tiny_data, rounds=2)
+def test_a_node_that_comes_back_within_the_round_gets_its_request_again(
+    nodes, straight, tiny_data, tmp_path):
+  config = fed_config(tiny_data)
   config.flower.rejoin_timeout_s = 60.0
-  server_lib.serve(config, str(tmp_path / 'straight'), FakeLink(nodes))
   link = FakeLink(nodes)
   original = link.send
 
@@ -180,6 +198,4 @@ def test_a_node_that_comes_back_within_the_round_gets_its_request_again(nodes, t
   link.send = send
   server_lib.serve(config, str(tmp_path / 'back'), link)
   assert (7, 'train') in link.sent
-  a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'back')
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  assert_same_bits(straight[0], tmp_path / 'back')

@@ -15,7 +15,6 @@ process group, so stopping the SuperNode's group stops it too.
   python -m collab.flower.worker --state_path=DIR   (the ClientApp starts it)
 """
 
-import functools
 import json
 import os
 import secrets
@@ -89,13 +88,37 @@ def _start(state_path: str, sock: str, key: bytes):
       time.sleep(0.05)
 
 
-@functools.lru_cache(maxsize=4)
-def _setup(node, config_json: str, sizes_json: str):
+# What a node's programs do not depend on: the server's optimizer and the waits.
+NOT_PROGRAMS = {'federated': ('server_optimizer', 'server_learning_rate', 'server_momentum',
+                              'server_b1', 'server_b2', 'server_eps'), 'flower': None}
+
+
+def _programs_key(config) -> str:
+  """The config as the node's programs see it (runs that differ only in the server's
+  optimizer or waits share the programs a worker keeps)."""
+  c = json.loads(config.to_json_best_effort())
+  for section, fields in NOT_PROGRAMS.items():
+    if fields is None:
+      c.pop(section, None)
+    for field in fields or ():
+      c.get(section, {}).pop(field, None)
+  return json.dumps(c, sort_keys=True)
+
+
+_SETUPS = {}  # (node, programs key, sizes) -> node.Setup, the newest last.
+KEPT_SETUPS = 4
+
+
+def setup_for(node, config, sizes: dict):
+  """The node's programs for this config and these sizes, kept across messages."""
   from collab.data import blocks as blocks_lib  # pylint: disable=g-import-not-at-top
   from collab.flower import node as node_lib  # pylint: disable=g-import-not-at-top
-  from collab.settings import run  # pylint: disable=g-import-not-at-top
-  return node_lib.setup(run.config_from_json(config_json), node, json.loads(sizes_json),
-                        blocks_lib.load_manifest(node.data_dir))
+  key = (node, _programs_key(config), json.dumps(sizes, sort_keys=True))
+  if key not in _SETUPS:
+    _SETUPS[key] = node_lib.setup(config, node, sizes, blocks_lib.load_manifest(node.data_dir))
+    while len(_SETUPS) > KEPT_SETUPS:
+      del _SETUPS[next(iter(_SETUPS))]
+  return _SETUPS[key]
 
 
 def handle(node_config: dict, kind: str, meta: dict, arrays) -> tuple:
@@ -110,7 +133,7 @@ def handle(node_config: dict, kind: str, meta: dict, arrays) -> tuple:
   params = server_lib.unflatten(arrays)
   started = time.time()
   if kind == 'train':
-    s = _setup(node, meta['config'], json.dumps(meta['sizes'], sort_keys=True))
+    s = setup_for(node, config, meta['sizes'])
     params, metrics, position = node_lib.train(node, config, params, int(meta['round']),
                                                meta['sizes'], meta['position'],
                                                meta['run_id'], s)
