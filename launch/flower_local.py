@@ -5,7 +5,8 @@ per participant (the `flower` extra), insecure on localhost.
 
 Builds the data (WORKDIR/data, or config.data.data_dir) if needed, gives each node a data
 folder of its own participant only (WORKDIR/nodes/ORG/data), starts a SuperLink and the
-SuperNodes (logs in WORKDIR/flower/logs), runs the server on WORKDIR/run (a run folder as
+SuperNodes (logs in WORKDIR/flower/logs), runs the server on WORKDIR/run (its log in
+WORKDIR/run/server.log; a run folder as
 launch.train leaves) and stops every process it started. Run again to resume.
 """
 

@@ -162,8 +162,9 @@ class Federation:
     return proc
 
   def run(self, workdir: str, timeout_s: float | None = None) -> None:
-    """Runs the ServerApp on WORKDIR (its config.json written) to its end; RunFailed."""
-    run_app(self.env, workdir, self.FEDERATION, self.log_path('server'), timeout_s)
+    """Runs the ServerApp on WORKDIR (its config.json written) to its end, its log in
+    WORKDIR/server.log; RunFailed."""
+    run_app(self.env, workdir, self.FEDERATION, timeout_s=timeout_s)
 
   def kill(self, name: str) -> None:
     """SIGKILL to a process and everything it started (a node's ClientApp processes)."""
