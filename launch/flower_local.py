@@ -24,8 +24,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Federation folder (resumed if i
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def federate(config, workdir: str) -> str:
-  """Runs config's federated training over local SuperNodes; the run folder."""
+def federate(config, workdir: str) -> tuple:
+  """Runs config's federated training over local SuperNodes: (run folder, data folder)."""
   from collab.data import build  # pylint: disable=g-import-not-at-top
   from collab.flower import local  # pylint: disable=g-import-not-at-top
   from collab.flower import server  # pylint: disable=g-import-not-at-top
@@ -48,16 +48,16 @@ def federate(config, workdir: str) -> str:
       fed.run(rundir)
     except local.RunFailed as e:
       raise ValueError(str(e)) from None
-  return rundir
+  return rundir, data_dir
 
 
 def main(argv):
   del argv
-  rundir = common.run_or_exit('launch.flower_local',
-                              lambda: federate(_CONFIG.value, _WORKDIR.value))
+  rundir, data_dir = common.run_or_exit('launch.flower_local',
+                                        lambda: federate(_CONFIG.value, _WORKDIR.value))
   print(f'done: federated over Flower in {rundir}; evaluate it with python -m '
-        f'launch.evaluate --config=... --workdir={rundir} '
-        f'--config.data.data_dir={os.path.join(_WORKDIR.value, "data")}')
+        f'launch.evaluate --config=... --config.setting=federated --workdir={rundir} '
+        f'--config.data.data_dir={data_dir}')
 
 
 if __name__ == '__main__':

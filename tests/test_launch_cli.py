@@ -50,6 +50,11 @@ _CASES = [  # (module, args with {t} for tmp_path, what the error line must name
     ('study', (_DEFAULT, '--workdir={t}/plain_file/study'), '{t}/plain_file is a file'),
     ('build_data', (_DEFAULT, '--data_dir={t}/plain_file'), '--data_dir={t}/plain_file'),
     ('sweep', ('--config={t}/syntax.py', '--workdir={t}/s'), 'syntax.py'),
+    ('flower_local', ('--config=configs/nope.py', '--workdir={t}/w'), 'configs/nope.py'),
+    ('flower_server', (_DEFAULT, '--config.federated.clients=repositories', '--workdir={t}/w'),
+     'clients=participants'),
+    ('flower_node', ('--org=psf', '--data_dir={t}/nodata', '--state_dir={t}/s'),
+     '--data_dir: '),
 ]
 
 
