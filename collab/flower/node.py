@@ -110,7 +110,8 @@ def identity(node: Node, server_config: str, server_version: str) -> dict:
   version, a config other than the one agreed in state-path/config.json); the sizes are
   what the server plans rounds from (numbers of blocks: nothing of the code itself).
   """
-  problems = _data_problems(node)
+  data_problems = _data_problems(node)
+  problems = list(data_problems)
   mine = collab_version()
   if mine != server_version:
     problems.append(f'it runs collab {mine}, the server {server_version}; install the '
@@ -123,7 +124,7 @@ def identity(node: Node, server_config: str, server_version: str) -> dict:
       problems.append(f'the server\'s config differs from the one agreed at {agreed!r}: '
                       f'{run.describe(changed)}')
   out = {'org': node.org, 'version': mine, 'problems': problems}
-  if not _data_problems(node):
+  if not data_problems:
     manifest = blocks_lib.load_manifest(node.data_dir)
     out.update(train_blocks=len(blocks_lib.load_blocks(node.data_dir, node.org, 'train')),
                seq_len=int(manifest['seq_len']), vocab_size=int(manifest['vocab_size']),
@@ -205,15 +206,14 @@ def train(node: Node, config, params: PyTree, round_: int, sizes: dict,
   _, data_seed, train_key = run.seeds(config.seed)
   iterator = blocks_lib.BatchIterator(blocks, config.train.batch_size, data_seed + s.index,
                                       position, pad=s.plan.pad)
-  fresh = s.optimizer.init(params)
-  inner = fresh
+  stored = {}  # Without kept state the round's optimizer starts fresh (start_client).
   if s.plan.keep_state:
-    inner = load_client_state(node, run_id, round_, fresh)
-  stored = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], inner)
+    inner = load_client_state(node, run_id, round_, s.optimizer.init(params))
+    stored = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], inner)
   keys_N = jax.random.split(train_key, len(s.plan.names) + 1)[:-1]
   shape = (config.train.batch_size, int(manifest['seq_len']))
   state_C, chunks = federated.train_block(
-      s.programs, s.plan, params, stored if s.plan.keep_state else {},
+      s.programs, s.plan, params, stored,
       types.SimpleNamespace(iterators={s.index: iterator}), keys_N,
       np.asarray([s.index], np.int32), round_, shape, stored_ids=[0])
   if s.plan.keep_state:
